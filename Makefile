@@ -1,0 +1,38 @@
+# Sluice: every target builds what it needs first, so a fresh clone needs no other step.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+MODELS_STAMP := models/.built
+
+.PHONY: serve test check models bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Rebuilt whenever the training code or a model.yaml changes; byte-identical on rebuild.
+$(MODELS_STAMP): $(STAMP) $(wildcard models/*.py) $(wildcard models/*/model.yaml)
+	$(BIN)/python -m models.train --repository models
+	touch $(MODELS_STAMP)
+
+models: $(MODELS_STAMP)
+
+serve: $(MODELS_STAMP)
+	$(BIN)/sluice serve --model-repository models
+
+test: $(MODELS_STAMP)
+	$(BIN)/python -m pytest -q
+
+check: $(STAMP)
+	$(BIN)/ruff format --check server loadtest tests models
+	$(BIN)/ruff check server loadtest tests models
+	$(BIN)/mypy
+
+bench: $(MODELS_STAMP)
+	$(BIN)/python -m loadtest.benchmarks
+
+clean:
+	rm -rf $(VENV) models/*/[0-9]*/ $(MODELS_STAMP)

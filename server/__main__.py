@@ -1,0 +1,119 @@
+"""The ``sluice`` command line: ``serve``, ``models list``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from server import __version__
+from server.config import ConfigError, Settings, load_settings
+
+EXIT_USAGE = 2
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML settings file")
+    parser.add_argument("--model-repository", type=Path, help="model repository root")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sluice", description="Sluice inference server")
+    parser.add_argument("--version", action="version", version=f"sluice {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the model repository over HTTP (V2)")
+    _common(serve)
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8080)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--inference-threads", type=int, help="model thread pool size")
+    serve.add_argument(
+        "--batching",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="dynamic batching (per-model settings still apply)",
+    )
+
+    models = commands.add_parser("models", help="inspect the model repository")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    listing = models_commands.add_parser("list", help="models, versions, readiness, digests")
+    _common(listing)
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def settings_from(args: argparse.Namespace, *names: str) -> Settings:
+    flags: dict[str, Any] = {name: getattr(args, name, None) for name in names}
+    flags["model_repository"] = args.model_repository
+    return load_settings(args.config, flags=flags)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            settings = settings_from(
+                args, "host", "port", "log_level", "inference_threads", "batching"
+            )
+            return serve(settings)
+        settings = settings_from(args)
+        return list_models(settings, as_json=args.json)
+    except ConfigError as exc:
+        print(f"sluice: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def serve(settings: Settings) -> int:
+    import uvicorn
+
+    from server.http.app import create_app
+
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not settings.model_repository.is_dir():
+        print(
+            f"sluice: error: model repository {settings.model_repository} is not a directory",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+    )
+    return 0
+
+
+def list_models(settings: Settings, as_json: bool) -> int:
+    from server.models_cli import describe_repository, print_table
+
+    if not settings.model_repository.is_dir():
+        print(
+            f"sluice: error: model repository {settings.model_repository} is not a directory",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.WARNING)
+    rows = asyncio.run(describe_repository(settings))
+    if as_json:
+        import orjson
+
+        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print_table(rows)
+    return 0 if all(r["state"] == "READY" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""Dispatchers: how validated requests reach a runtime.
+
+``MicroBatcher`` concatenates concurrent requests along the batch dimension;
+``DirectDispatcher`` runs each request on its own. Both bound their queue and
+raise ``Overloaded`` instead of letting latency grow without limit, and both
+run the model in the inference thread pool, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server.errors import DeadlineExceeded, Overloaded, RuntimeFailure, ServingError
+
+Tensors = dict[str, np.ndarray]
+Compute = Callable[[Mapping[str, np.ndarray]], Tensors]
+Clock = Callable[[], float]
+
+
+@dataclass(slots=True, frozen=True)
+class BatchRecord:
+    """What one model execution did; handed to the stats observer."""
+
+    rows: int
+    requests: int
+    queue_s: tuple[float, ...]
+    compute_ns: int
+    ok: bool
+
+
+BatchObserver = Callable[[BatchRecord], None]
+
+
+@dataclass(slots=True)
+class _Item:
+    inputs: Tensors
+    rows: int
+    future: asyncio.Future[Tensors]
+    enqueued_at: float
+    deadline: float | None = field(default=None)
+
+
+def _timed(compute: Compute, inputs: Mapping[str, np.ndarray]) -> tuple[Tensors, int]:
+    started = time.perf_counter_ns()
+    outputs = compute(inputs)
+    return outputs, time.perf_counter_ns() - started
+
+
+class DirectDispatcher:
+    """One model execution per request, with a bound on requests in flight."""
+
+    def __init__(
+        self,
+        compute: Compute,
+        executor: Executor,
+        max_pending: int,
+        observer: BatchObserver | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self._compute = compute
+        self._executor = executor
+        self._max_pending = max_pending
+        self._pending = 0
+        self._observer = observer
+        self._clock = clock
+
+    @property
+    def depth(self) -> int:
+        """Requests accepted and not yet answered."""
+        return self._pending
+
+    async def submit(self, inputs: Tensors, rows: int, deadline: float | None = None) -> Tensors:
+        """Run the model on this request alone."""
+        if self._pending >= self._max_pending:
+            raise Overloaded(f"too many requests in flight ({self._max_pending}); retry shortly")
+        self._pending += 1
+        loop = asyncio.get_running_loop()
+        try:
+            outputs, compute_ns = await loop.run_in_executor(
+                self._executor, _timed, self._compute, inputs
+            )
+        except ServingError:
+            self._observe(rows, 0, ok=False)
+            raise
+        except Exception as exc:
+            self._observe(rows, 0, ok=False)
+            raise RuntimeFailure(f"model raised {type(exc).__name__}: {exc}") from exc
+        finally:
+            self._pending -= 1
+        _check_rows(outputs, rows)
+        self._observe(rows, compute_ns, ok=True)
+        return outputs
+
+    def _observe(self, rows: int, compute_ns: int, ok: bool) -> None:
+        if self._observer is not None:
+            self._observer(BatchRecord(rows, 1, (0.0,), compute_ns, ok))
+
+    async def close(self) -> None:
+        """Nothing is queued here: in-flight requests finish with their callers."""
+
+
+class MicroBatcher:
+    """Forms batches of up to ``max_batch_size`` rows from concurrent requests.
+
+    The wait for more requests happens only while the model is busy with
+    another batch, so a lone caller is never delayed by ``max_queue_delay``;
+    under load the queue fills during compute and batches form by themselves.
+    """
+
+    def __init__(
+        self,
+        compute: Compute,
+        executor: Executor,
+        *,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        max_queue_size: int,
+        max_batches_in_flight: int,
+        observer: BatchObserver | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self._compute = compute
+        self._executor = executor
+        self._max_rows = max_batch_size
+        self._delay = max_queue_delay_s
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue_size)
+        self._slots = asyncio.Semaphore(max_batches_in_flight)
+        self._wake = asyncio.Event()
+        self._observer = observer
+        self._clock = clock
+        self._carry: _Item | None = None
+        self._in_flight = 0
+        self._batches: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting to join a batch."""
+        return self._queue.qsize() + (1 if self._carry is not None else 0)
+
+    def start(self) -> None:
+        """Start the batching loop on the running event loop."""
+        if self._loop_task is None:
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def submit(self, inputs: Tensors, rows: int, deadline: float | None = None) -> Tensors:
+        """Queue a validated request and wait for its slice of the batch result."""
+        if self._loop_task is None:
+            raise RuntimeFailure("batcher is not running")
+        future: asyncio.Future[Tensors] = asyncio.get_running_loop().create_future()
+        item = _Item(inputs, rows, future, self._clock(), deadline)
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            raise Overloaded(
+                f"request queue is full ({self._queue.maxsize} waiting); retry shortly"
+            ) from None
+        self._wake.set()
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            first = self._carry if self._carry is not None else await self._queue.get()
+            self._carry = None
+            await self._slots.acquire()
+            batch = [first]
+            rows = self._drain(batch, first.rows)
+            rows = await self._wait_for_more(batch, rows, first.enqueued_at + self._delay)
+            self._in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    def _drain(self, batch: list[_Item], rows: int) -> int:
+        while rows < self._max_rows and self._carry is None:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if rows + item.rows > self._max_rows:
+                self._carry = item  # starts the next batch; never split a request
+                break
+            batch.append(item)
+            rows += item.rows
+        return rows
+
+    async def _wait_for_more(self, batch: list[_Item], rows: int, deadline: float) -> int:
+        # Waiting only pays off while another batch holds the model.
+        while rows < self._max_rows and self._carry is None and self._in_flight > 0:
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                break
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                break
+            rows = self._drain(batch, rows)
+        return rows
+
+    async def _execute(self, batch: list[_Item]) -> None:
+        try:
+            live = self._live(batch)
+            if live:
+                await self._compute_batch(live)
+        finally:
+            self._in_flight -= 1
+            self._slots.release()
+            self._wake.set()
+
+    def _live(self, batch: list[_Item]) -> list[_Item]:
+        now = self._clock()
+        live = []
+        for item in batch:
+            if item.future.done():  # caller went away
+                continue
+            if item.deadline is not None and now > item.deadline:
+                item.future.set_exception(
+                    DeadlineExceeded("request timed out in the queue before compute started")
+                )
+                continue
+            live.append(item)
+        return live
+
+    async def _compute_batch(self, live: list[_Item]) -> None:
+        started = self._clock()
+        queue_s = tuple(started - item.enqueued_at for item in live)
+        total = sum(item.rows for item in live)
+        if len(live) == 1:
+            merged = live[0].inputs
+        else:
+            names = live[0].inputs.keys()
+            merged = {n: np.concatenate([item.inputs[n] for item in live]) for n in names}
+        loop = asyncio.get_running_loop()
+        try:
+            outputs, compute_ns = await loop.run_in_executor(
+                self._executor, _timed, self._compute, merged
+            )
+            _check_rows(outputs, total)
+        except Exception as exc:
+            error = (
+                exc
+                if isinstance(exc, ServingError)
+                else RuntimeFailure(f"model raised {type(exc).__name__}: {exc}")
+            )
+            for item in live:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            self._observe(BatchRecord(total, len(live), queue_s, 0, ok=False))
+            return
+        offset = 0
+        for item in live:
+            end = offset + item.rows
+            if not item.future.done():
+                item.future.set_result({name: out[offset:end] for name, out in outputs.items()})
+            offset = end
+        self._observe(BatchRecord(total, len(live), queue_s, compute_ns, ok=True))
+
+    def _observe(self, record: BatchRecord) -> None:
+        if self._observer is not None:
+            self._observer(record)
+
+    async def close(self) -> None:
+        """Finish every queued and running batch, then stop the loop."""
+        while self.depth or self._batches:
+            if self._batches:
+                await asyncio.gather(*list(self._batches), return_exceptions=True)
+            else:
+                await asyncio.sleep(0)  # let the loop pick up queued work
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+            self._loop_task = None
+
+
+def _check_rows(outputs: Mapping[str, np.ndarray], rows: int) -> None:
+    for name, out in outputs.items():
+        if out.ndim == 0 or out.shape[0] != rows:
+            raise RuntimeFailure(
+                f"model returned {0 if out.ndim == 0 else out.shape[0]} rows for output "
+                f"'{name}' but was given {rows}"
+            )

@@ -1,0 +1,285 @@
+"""Live model versions: loading, reloading and unloading runtimes and their dispatchers.
+
+A broken model or version is kept with state UNAVAILABLE and the reason, and
+never stops the others from loading. A reload builds the new versions before
+the old ones stop taking traffic, and the old ones finish what they queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from server.core.batcher import BatchRecord, DirectDispatcher, MicroBatcher, Tensors
+from server.core.repository import ModelConfig, ModelRepository, RepositoryError, VersionSource
+from server.core.runtimes import RUNTIMES, Runtime, SignatureMismatch
+from server.core.signature import Signature
+from server.core.stats import VersionStats
+from server.errors import ModelNotFound, ModelNotReady, ServingError
+
+log = logging.getLogger("sluice.registry")
+
+
+class VersionState(StrEnum):
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+    LOADING = "LOADING"
+    UNLOADING = "UNLOADING"
+
+
+class Dispatcher(Protocol):
+    @property
+    def depth(self) -> int: ...
+
+    async def submit(
+        self, inputs: Tensors, rows: int, deadline: float | None = None
+    ) -> Tensors: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(slots=True)
+class ModelVersion:
+    """One version of one model, as served."""
+
+    name: str
+    version: int
+    config: ModelConfig
+    signature: Signature
+    state: VersionState
+    reason: str = ""
+    source: VersionSource | None = None
+    runtime: Runtime | None = None
+    dispatcher: Dispatcher | None = None
+    stats: VersionStats = field(default_factory=VersionStats)
+
+    @property
+    def sha256(self) -> str:
+        return self.source.sha256 if self.source else ""
+
+    @property
+    def platform(self) -> str:
+        return self.runtime.platform if self.runtime else ""
+
+    @property
+    def path(self) -> Path | None:
+        return self.source.path if self.source else None
+
+
+@dataclass(slots=True)
+class ModelEntry:
+    """A model name with the versions its policy selects."""
+
+    name: str
+    config: ModelConfig | None = None
+    error: str = ""
+    versions: dict[int, ModelVersion] = field(default_factory=dict)
+    unloaded: bool = False
+
+    def ready_versions(self) -> list[ModelVersion]:
+        return [v for _, v in sorted(self.versions.items()) if v.state is VersionState.READY]
+
+
+class ModelRegistry:
+    """Owns every loaded runtime and dispatcher."""
+
+    def __init__(
+        self, repository: ModelRepository, executor: Executor, *, batching_enabled: bool = True
+    ) -> None:
+        self.repository = repository
+        self._executor = executor
+        self._batching_enabled = batching_enabled
+        self._models: dict[str, ModelEntry] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    @property
+    def models(self) -> dict[str, ModelEntry]:
+        return self._models
+
+    async def load_all(self) -> None:
+        """Load every model found in the repository, concurrently."""
+        await asyncio.gather(*(self.load(name) for name in self.repository.names()))
+
+    async def load(self, name: str) -> ModelEntry:
+        """Load (or reload) a model; raises ModelNotFound if it is not in the repository."""
+        self.repository.model_path(name)
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            entry = await self._build(name)
+            previous = self._models.get(name)
+            self._models[name] = entry
+            if previous is not None:
+                await _retire(previous)
+            for mv in entry.versions.values():
+                if mv.state is VersionState.READY:
+                    log.info(
+                        "model %s version %d ready (%s, sha256 %s)",
+                        name,
+                        mv.version,
+                        mv.platform,
+                        mv.sha256[:12],
+                    )
+                else:
+                    log.error("model %s version %d unavailable: %s", name, mv.version, mv.reason)
+            if entry.error:
+                log.error("model %s unavailable: %s", name, entry.error)
+            return entry
+
+    async def unload(self, name: str) -> None:
+        """Stop serving a model; queued requests still finish."""
+        entry = self._models.get(name)
+        if entry is None:
+            self.repository.model_path(name)  # unknown name -> ModelNotFound
+            return
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            for mv in entry.versions.values():
+                if mv.state is VersionState.READY:
+                    mv.state = VersionState.UNLOADING
+            await _retire(entry)
+            entry.unloaded = True
+            for mv in entry.versions.values():
+                mv.state = VersionState.UNAVAILABLE
+                mv.reason = "unloaded"
+            log.info("model %s unloaded", name)
+
+    async def close(self) -> None:
+        """Drain and release every model."""
+        for entry in list(self._models.values()):
+            await _retire(entry)
+        self._models.clear()
+
+    def resolve(self, name: str, version: int | None = None) -> ModelVersion:
+        """The version that serves a request: the given one, else the highest ready one."""
+        entry = self._models.get(name)
+        if entry is None:
+            raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
+        if version is None:
+            ready = entry.ready_versions()
+            if ready:
+                return ready[-1]
+            raise ModelNotReady(f"model '{name}' has no ready version: {self._why(entry)}")
+        mv = entry.versions.get(version)
+        if mv is None:
+            served = ", ".join(str(v) for v in sorted(entry.versions)) or "none"
+            raise ModelNotFound(
+                f"Request for unknown model: '{name}' version {version} is not found "
+                f"(served versions: {served})"
+            )
+        if mv.state is not VersionState.READY:
+            raise ModelNotReady(f"model '{name}' version {version} is not ready: {mv.reason}")
+        return mv
+
+    def is_ready(self, strict: bool = False) -> bool:
+        """Whether the server should take traffic.
+
+        By default one broken model does not take the others out of a load
+        balancer: ready means at least one model can serve. ``strict`` asks
+        for every selected version of every loaded model.
+        """
+        entries = [e for e in self._models.values() if not e.unloaded]
+        if strict:
+            return all(
+                not e.error and all(v.state is VersionState.READY for v in e.versions.values())
+                for e in entries
+            )
+        return any(e.ready_versions() for e in entries)
+
+    @staticmethod
+    def _why(entry: ModelEntry) -> str:
+        if entry.error:
+            return entry.error
+        reasons = [f"v{v.version}: {v.reason}" for v in entry.versions.values() if v.reason]
+        return "; ".join(reasons) or "no versions"
+
+    async def _build(self, name: str) -> ModelEntry:
+        entry = ModelEntry(name)
+        try:
+            entry.config = self.repository.read_config(name)
+            on_disk = self.repository.versions_on_disk(name)
+        except RepositoryError as exc:
+            entry.error = str(exc)
+            return entry
+        selected = entry.config.version_policy.select(on_disk)
+        if not selected:
+            entry.error = f"no version folder matches the version policy (on disk: {on_disk})"
+            return entry
+        built = await asyncio.gather(
+            *(self._build_version(name, entry.config, v) for v in selected)
+        )
+        entry.versions = {mv.version: mv for mv in built}
+        return entry
+
+    async def _build_version(self, name: str, config: ModelConfig, version: int) -> ModelVersion:
+        mv = ModelVersion(name, version, config, config.signature(), VersionState.LOADING)
+        loop = asyncio.get_running_loop()
+        try:
+            mv.source = self.repository.read_version(name, version, config)
+            factory = RUNTIMES[mv.source.runtime]
+            mv.runtime = await loop.run_in_executor(
+                self._executor, factory, mv.source.artifact, mv.signature, config.runtime_options
+            )
+            await loop.run_in_executor(self._executor, _smoke_test, mv.runtime, mv.signature)
+        except (RepositoryError, SignatureMismatch, ServingError) as exc:
+            mv.state, mv.reason = VersionState.UNAVAILABLE, str(exc)
+            return mv
+        mv.dispatcher = self._dispatcher(mv)
+        mv.state = VersionState.READY
+        return mv
+
+    def _dispatcher(self, mv: ModelVersion) -> Dispatcher:
+        assert mv.runtime is not None
+        batching = mv.config.batching
+        stats = mv.stats
+
+        def observe(record: BatchRecord) -> None:
+            if record.ok:
+                stats.record_execution(
+                    record.rows, record.requests, record.queue_s, record.compute_ns
+                )
+
+        if self._batching_enabled and batching.enabled and mv.signature.batched:
+            batcher = MicroBatcher(
+                mv.runtime.predict,
+                self._executor,
+                max_batch_size=batching.max_batch_size,
+                max_queue_delay_s=batching.max_queue_delay_ms / 1000,
+                max_queue_size=batching.max_queue_size,
+                max_batches_in_flight=batching.max_batches_in_flight,
+                observer=observe,
+            )
+            batcher.start()
+            return batcher
+        return DirectDispatcher(
+            mv.runtime.predict, self._executor, batching.max_queue_size, observer=observe
+        )
+
+
+def _smoke_test(runtime: Runtime, signature: Signature) -> None:
+    """Predict one row of zeros so a model that loads but cannot run is caught at load time."""
+    inputs = {}
+    for spec in signature.inputs:
+        shape = tuple(1 if d == -1 else d for d in spec.shape)
+        inputs[spec.name] = np.zeros(shape, dtype=spec.numpy_dtype)
+    try:
+        outputs = runtime.predict(inputs)
+    except ServingError as exc:
+        raise SignatureMismatch(f"test prediction failed: {exc}") from exc
+    missing = [o.name for o in signature.outputs if o.name not in outputs]
+    if missing:
+        raise SignatureMismatch(f"the model does not produce declared output(s) {missing}")
+
+
+async def _retire(entry: ModelEntry) -> None:
+    for mv in entry.versions.values():
+        if mv.dispatcher is not None:
+            await mv.dispatcher.close()
+            mv.dispatcher = None
+        if mv.runtime is not None:
+            mv.runtime.close()
+            mv.runtime = None

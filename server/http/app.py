@@ -1,0 +1,69 @@
+"""The Starlette application; its lifespan is the composition root."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from server.config import Settings
+from server.core.stack import open_service
+from server.errors import ServingError
+from server.http.errors import error_response, serving_error_response
+from server.http.routes import V2Api
+
+log = logging.getLogger("sluice.http")
+
+
+def create_app(settings: Settings) -> Starlette:
+    """An ASGI app serving ``settings.model_repository``; models load in the lifespan."""
+    api = V2Api(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with open_service(settings) as service:
+            api.service = service
+            log.info(
+                "serving %d model(s) from %s",
+                len(service.registry.models),
+                settings.model_repository,
+            )
+            try:
+                yield
+            finally:
+                api.service = None
+
+    async def on_serving_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ServingError)
+        return serving_error_response(exc, settings.retry_after_s)
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            return error_response(404, f"no such endpoint: {request.method} {request.url.path}")
+        if exc.status_code == 405:
+            return error_response(
+                405, f"method {request.method} not allowed on {request.url.path}", exc.headers
+            )
+        return error_response(exc.status_code, str(exc.detail), exc.headers)
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(500, f"internal error: {type(exc).__name__}")
+
+    app = Starlette(
+        routes=api.routes(),
+        lifespan=lifespan,
+        exception_handlers={
+            ServingError: on_serving_error,
+            HTTPException: on_http_error,
+            Exception: on_unexpected,
+        },
+    )
+    app.state.api = api
+    return app
