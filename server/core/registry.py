@@ -82,9 +82,16 @@ class ModelEntry:
     error: str = ""
     versions: dict[int, ModelVersion] = field(default_factory=dict)
     unloaded: bool = False
+    # The version unversioned requests go to; kept current by ``refresh`` so the
+    # hot path does not sort versions per request.
+    default: ModelVersion | None = None
 
     def ready_versions(self) -> list[ModelVersion]:
         return [v for _, v in sorted(self.versions.items()) if v.state is VersionState.READY]
+
+    def refresh(self) -> None:
+        ready = self.ready_versions()
+        self.default = ready[-1] if ready else None
 
 
 class ModelRegistry:
@@ -112,6 +119,7 @@ class ModelRegistry:
         self.repository.model_path(name)
         async with self._locks.setdefault(name, asyncio.Lock()):
             entry = await self._build(name)
+            entry.refresh()
             previous = self._models.get(name)
             self._models[name] = entry
             if previous is not None:
@@ -146,6 +154,7 @@ class ModelRegistry:
             for mv in entry.versions.values():
                 mv.state = VersionState.UNAVAILABLE
                 mv.reason = "unloaded"
+            entry.refresh()
             log.info("model %s unloaded", name)
 
     async def close(self) -> None:
@@ -160,9 +169,9 @@ class ModelRegistry:
         if entry is None:
             raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
         if version is None:
-            ready = entry.ready_versions()
-            if ready:
-                return ready[-1]
+            default = entry.default
+            if default is not None and default.state is VersionState.READY:
+                return default
             raise ModelNotReady(f"model '{name}' has no ready version: {self._why(entry)}")
         mv = entry.versions.get(version)
         if mv is None:

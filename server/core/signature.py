@@ -81,11 +81,12 @@ class TensorSpec:
     shape: tuple[int, ...]
     feature_names: tuple[str, ...] = ()
     allow_nonfinite: bool = False
+    # True when the first dimension is the (variable) batch dimension; precomputed
+    # because validation asks on every request.
+    batched: bool = field(init=False)
 
-    @property
-    def batched(self) -> bool:
-        """True when the first dimension is the (variable) batch dimension."""
-        return bool(self.shape) and self.shape[0] == -1
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "batched", bool(self.shape) and self.shape[0] == -1)
 
     @property
     def numpy_dtype(self) -> np.dtype[np.generic]:

@@ -202,7 +202,10 @@ class V2Api:
         """The route table; ``/v2/models/stats`` precedes ``/v2/models/{name}``."""
         model = "/v2/models/{name}"
         versioned = "/v2/models/{name}/versions/{version}"
+        # Routes match in order: the hot inference routes come first.
         table: list[BaseRoute] = [
+            Route(model + "/infer", self.infer, methods=["POST"]),
+            Route(versioned + "/infer", self.infer, methods=["POST"]),
             Route("/v2", self.server_metadata),
             Route("/v2/", self.server_metadata),
             Route("/v2/health/live", self.live),
@@ -219,7 +222,6 @@ class V2Api:
                 Route(base + "/ready", self.model_ready),
                 Route(base + "/config", self.model_config),
                 Route(base + "/stats", self.model_stats),
-                Route(base + "/infer", self.infer, methods=["POST"]),
             ]
         return table
 
