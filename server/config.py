@@ -12,9 +12,91 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ENV_PREFIX = "SLUICE_"
+# ``SLUICE_DRIFT__PSI_ALERT`` sets ``drift.psi_alert``: a double underscore descends a section.
+NESTED = "__"
+
+
+class _Section(BaseModel):
+    """A nested settings section; a bare boolean (``SLUICE_TELEMETRY=false``) sets ``enabled``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _switch(cls, value: Any) -> Any:
+        if isinstance(value, bool | str | int):
+            return {"enabled": value}
+        return value
+
+
+class TelemetrySettings(_Section):
+    """Metrics, traces and exporters. The standard ``OTEL_*`` variables apply on top."""
+
+    service_name: str = Field(
+        default="sluice", min_length=1, description="service.name unless OTEL_SERVICE_NAME is set"
+    )
+    prometheus: bool = Field(default=True, description="serve a Prometheus scrape at /metrics")
+    otlp_endpoint: str | None = Field(
+        default=None,
+        description="OTLP push base URL (else OTEL_EXPORTER_OTLP_ENDPOINT; unset: no push)",
+    )
+    otlp_protocol: Literal["http/protobuf", "grpc"] | None = Field(
+        default=None, description="else OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf"
+    )
+    export_interval_s: float | None = Field(
+        default=None, gt=0, description="OTLP metric push period (else OTEL_METRIC_EXPORT_INTERVAL)"
+    )
+    tracing: bool = Field(default=False, description="a span per request and per batch")
+    trace_sample_ratio: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="parent-based ratio sampler (else OTEL_TRACES_SAMPLER)",
+    )
+
+
+class DriftSettings(_Section):
+    """Data and prediction drift against each version's reference.json."""
+
+    window_rows: int = Field(default=5000, ge=10, description="rows per sub-window")
+    window_s: float = Field(default=900.0, gt=0, description="a sub-window closes after this")
+    windows: int = Field(default=4, ge=1, le=1000, description="sub-windows in the live window")
+    min_rows: int = Field(default=100, ge=1, description="rows before a status is given")
+    psi_warn: float = Field(default=0.1, gt=0)
+    psi_alert: float = Field(default=0.25, gt=0)
+    js_warn: float | None = Field(default=None, gt=0, le=1, description="JS distance, base 2")
+    js_alert: float | None = Field(default=None, gt=0, le=1, description="JS distance, base 2")
+    p_value: float = Field(
+        default=0.05, gt=0, lt=1, description="chi-squared significance a shift must also reach"
+    )
+    interval_s: float = Field(default=10.0, ge=0, description="metric gauges refresh period")
+    queue_size: int = Field(default=10_000, ge=1, description="observations waiting; then dropped")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DriftSettings:
+        if self.psi_warn > self.psi_alert:
+            raise ValueError(f"psi_warn {self.psi_warn} exceeds psi_alert {self.psi_alert}")
+        if self.js_warn is not None and self.js_alert is not None and self.js_warn > self.js_alert:
+            raise ValueError(f"js_warn {self.js_warn} exceeds js_alert {self.js_alert}")
+        return self
+
+
+class FeedbackSettings(_Section):
+    """Ground-truth labels joined to earlier predictions: live quality and concept drift."""
+
+    max_predictions: int = Field(default=100_000, ge=1, description="predictions kept for labels")
+    retention_s: float = Field(default=7 * 86400.0, gt=0, description="how long they are kept")
+    window_labels: int = Field(default=5000, ge=10, description="labels in the quality window")
+    min_labels: int = Field(default=100, ge=1, description="labels before a status is given")
+    auc_margin: float = Field(default=0.05, ge=0, description="absolute drop from the card")
+    accuracy_margin: float = Field(default=0.05, ge=0, description="absolute drop from the card")
+    log_loss_margin: float = Field(default=0.25, ge=0, description="relative rise over the card")
+    mae_margin: float = Field(default=0.25, ge=0, description="relative rise over the card")
 
 
 class Settings(BaseModel):
@@ -42,6 +124,9 @@ class Settings(BaseModel):
         default=False, description="server ready only when every model version is ready"
     )
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with 503")
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
 
 
 class ConfigError(Exception):
@@ -58,26 +143,52 @@ def load_settings(
     sources: dict[str, str] = {}
     if config_file is not None:
         for key, value in _read_file(config_file).items():
-            merged[key] = value
-            sources[key] = f"{config_file}"
+            _assign(merged, (key,), value)
+            for dotted in _paths(key, value):
+                sources[dotted] = f"{config_file}"
     for key, value in (environ if environ is not None else os.environ).items():
         if key.startswith(ENV_PREFIX) and len(key) > len(ENV_PREFIX):
-            field = key[len(ENV_PREFIX) :].lower()
-            merged[field] = value
-            sources[field] = f"environment variable {key}"
+            path = tuple(key[len(ENV_PREFIX) :].lower().split(NESTED))
+            _assign(merged, path, value)
+            sources[".".join(path)] = f"environment variable {key}"
     for key, value in (flags or {}).items():
         if value is not None:
-            merged[key] = value
+            _assign(merged, (key,), value)
             sources[key] = f"flag --{key.replace('_', '-')}"
     try:
         return Settings.model_validate(merged)
     except ValidationError as exc:
         error = exc.errors()[0]
-        field = str(error["loc"][0]) if error["loc"] else "(settings)"
-        where = sources.get(field, "defaults")
+        loc = [str(part) for part in error["loc"] if isinstance(part, str)]
+        field = ".".join(loc) if loc else "(settings)"
+        prefixes = (".".join(loc[:n]) for n in range(len(loc), 0, -1))
+        inside = (v for k, v in sources.items() if k.startswith(f"{field}."))
+        where = next((sources[p] for p in prefixes if p in sources), next(inside, "defaults"))
         if error["type"] == "extra_forbidden":
             raise ConfigError(f"unknown setting '{field}' (from {where})") from exc
         raise ConfigError(f"invalid setting '{field}' (from {where}): {error['msg']}") from exc
+
+
+def _assign(merged: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    """Set ``merged[a][b]...`` = value; a later source overrides key by key inside sections."""
+    target = merged
+    for part in path[:-1]:
+        inner = target.get(part)
+        if not isinstance(inner, dict):
+            inner = {} if inner is None else {"enabled": inner}
+            target[part] = inner
+        target = inner
+    if isinstance(value, dict) and isinstance(target.get(path[-1]), dict):
+        for key, item in value.items():
+            _assign(target, (path[-1], str(key)), item)
+    else:
+        target[path[-1]] = value
+
+
+def _paths(key: str, value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [key] + [p for k, v in value.items() for p in _paths(f"{key}.{k}", v)]
+    return [key]
 
 
 def _read_file(path: Path) -> dict[str, Any]:

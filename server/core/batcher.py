@@ -15,7 +15,9 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
+from opentelemetry.trace import SpanContext
 
+from server.core.monitoring.tracing import BatchTracing
 from server.errors import DeadlineExceeded, Overloaded, RuntimeFailure, ServingError
 
 Tensors = dict[str, np.ndarray]
@@ -44,6 +46,7 @@ class _Item:
     future: asyncio.Future[Tensors]
     enqueued_at: float
     deadline: float | None = field(default=None)
+    caller: SpanContext | None = None  # the request's span, when tracing
 
 
 def _timed(compute: Compute, inputs: Mapping[str, np.ndarray]) -> tuple[Tensors, int]:
@@ -62,6 +65,7 @@ class DirectDispatcher:
         max_pending: int,
         observer: BatchObserver | None = None,
         clock: Clock = time.monotonic,
+        tracing: BatchTracing | None = None,
     ) -> None:
         self._compute = compute
         self._executor = executor
@@ -69,6 +73,7 @@ class DirectDispatcher:
         self._pending = 0
         self._observer = observer
         self._clock = clock
+        self._tracing = tracing
 
     @property
     def depth(self) -> int:
@@ -81,18 +86,24 @@ class DirectDispatcher:
             raise Overloaded(f"too many requests in flight ({self._max_pending}); retry shortly")
         self._pending += 1
         loop = asyncio.get_running_loop()
+        span = self._tracing.start(rows, (self._tracing.capture(),)) if self._tracing else None
+        error: BaseException | None = None
         try:
             outputs, compute_ns = await loop.run_in_executor(
                 self._executor, _timed, self._compute, inputs
             )
-        except ServingError:
+        except ServingError as exc:
+            error = exc
             self._observe(rows, 0, ok=False)
             raise
         except Exception as exc:
+            error = exc
             self._observe(rows, 0, ok=False)
             raise RuntimeFailure(f"model raised {type(exc).__name__}: {exc}") from exc
         finally:
             self._pending -= 1
+            if span is not None:
+                BatchTracing.end(span, error)
         _check_rows(outputs, rows)
         self._observe(rows, compute_ns, ok=True)
         return outputs
@@ -124,9 +135,11 @@ class MicroBatcher:
         max_batches_in_flight: int,
         observer: BatchObserver | None = None,
         clock: Clock = time.monotonic,
+        tracing: BatchTracing | None = None,
     ) -> None:
         self._compute = compute
         self._executor = executor
+        self._tracing = tracing
         self._max_rows = max_batch_size
         self._delay = max_queue_delay_s
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue_size)
@@ -154,7 +167,8 @@ class MicroBatcher:
         if self._loop_task is None:
             raise RuntimeFailure("batcher is not running")
         future: asyncio.Future[Tensors] = asyncio.get_running_loop().create_future()
-        item = _Item(inputs, rows, future, self._clock(), deadline)
+        caller = self._tracing.capture() if self._tracing is not None else None
+        item = _Item(inputs, rows, future, self._clock(), deadline, caller)
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -238,12 +252,17 @@ class MicroBatcher:
             names = live[0].inputs.keys()
             merged = {n: np.concatenate([item.inputs[n] for item in live]) for n in names}
         loop = asyncio.get_running_loop()
+        span = None
+        if self._tracing is not None:
+            span = self._tracing.start(total, [item.caller for item in live])
         try:
             outputs, compute_ns = await loop.run_in_executor(
                 self._executor, _timed, self._compute, merged
             )
             _check_rows(outputs, total)
         except Exception as exc:
+            if span is not None:
+                BatchTracing.end(span, exc)
             error = (
                 exc
                 if isinstance(exc, ServingError)
@@ -254,6 +273,8 @@ class MicroBatcher:
                     item.future.set_exception(error)
             self._observe(BatchRecord(total, len(live), queue_s, 0, ok=False))
             return
+        if span is not None:
+            BatchTracing.end(span)
         offset = 0
         for item in live:
             end = offset + item.rows

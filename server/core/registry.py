@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -16,8 +17,10 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+from opentelemetry.trace import Tracer
 
 from server.core.batcher import BatchRecord, DirectDispatcher, MicroBatcher, Tensors
+from server.core.monitoring.tracing import BatchTracing
 from server.core.repository import ModelConfig, ModelRepository, RepositoryError, VersionSource
 from server.core.runtimes import RUNTIMES, Runtime, SignatureMismatch
 from server.core.signature import Signature
@@ -43,6 +46,12 @@ class Dispatcher(Protocol):
     ) -> Tensors: ...
 
     async def close(self) -> None: ...
+
+
+class ExecutionObserver(Protocol):
+    """Sees every model execution of every version (metrics). Must return at once."""
+
+    def executed(self, version: ModelVersion, record: BatchRecord) -> None: ...
 
 
 @dataclass(slots=True)
@@ -98,11 +107,19 @@ class ModelRegistry:
     """Owns every loaded runtime and dispatcher."""
 
     def __init__(
-        self, repository: ModelRepository, executor: Executor, *, batching_enabled: bool = True
+        self,
+        repository: ModelRepository,
+        executor: Executor,
+        *,
+        batching_enabled: bool = True,
+        executions: Sequence[ExecutionObserver] = (),
+        tracer: Tracer | None = None,
     ) -> None:
         self.repository = repository
         self._executor = executor
         self._batching_enabled = batching_enabled
+        self._executions = tuple(executions)
+        self._tracer = tracer
         self._models: dict[str, ModelEntry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -245,12 +262,16 @@ class ModelRegistry:
         assert mv.runtime is not None
         batching = mv.config.batching
         stats = mv.stats
+        executions = self._executions
+        tracing = BatchTracing(self._tracer, mv.name, mv.version) if self._tracer else None
 
         def observe(record: BatchRecord) -> None:
             if record.ok:
                 stats.record_execution(
                     record.rows, record.requests, record.queue_s, record.compute_ns
                 )
+            for execution in executions:
+                execution.executed(mv, record)
 
         if self._batching_enabled and batching.enabled and mv.signature.batched:
             batcher = MicroBatcher(
@@ -261,11 +282,16 @@ class ModelRegistry:
                 max_queue_size=batching.max_queue_size,
                 max_batches_in_flight=batching.max_batches_in_flight,
                 observer=observe,
+                tracing=tracing,
             )
             batcher.start()
             return batcher
         return DirectDispatcher(
-            mv.runtime.predict, self._executor, batching.max_queue_size, observer=observe
+            mv.runtime.predict,
+            self._executor,
+            batching.max_queue_size,
+            observer=observe,
+            tracing=tracing,
         )
 
 

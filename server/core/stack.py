@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from server.config import Settings
+from server.core.monitoring.hub import Monitoring
 from server.core.registry import ModelRegistry
 from server.core.repository import ModelRepository
 from server.core.service import InferenceService, Observer
@@ -17,16 +18,28 @@ from server.core.service import InferenceService, Observer
 
 @asynccontextmanager
 async def open_service(
-    settings: Settings, observers: tuple[Observer, ...] = ()
+    settings: Settings, observers: tuple[Observer, ...] = (), monitoring: Monitoring | None = None
 ) -> AsyncIterator[InferenceService]:
-    """Load every model of the repository; on exit drain batchers and stop the pool."""
+    """Load every model of the repository; on exit drain batchers and stop the pool.
+
+    ``monitoring`` (metrics, drift, feedback, traces) closes after the last batch.
+    """
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="sluice-infer")
     registry = ModelRegistry(
-        ModelRepository(settings.model_repository), executor, batching_enabled=settings.batching
+        ModelRepository(settings.model_repository),
+        executor,
+        batching_enabled=settings.batching,
+        executions=monitoring.executions if monitoring else (),
+        tracer=monitoring.tracer if monitoring else None,
     )
     try:
         await registry.load_all()
+        if monitoring is not None:
+            monitoring.start(registry)
+            observers = (*observers, *monitoring.observers)
         yield InferenceService(registry, observers)
     finally:
         await registry.close()
+        if monitoring is not None:
+            await monitoring.close()
         executor.shutdown(wait=True)

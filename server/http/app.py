@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -16,7 +17,10 @@ from server.config import Settings
 from server.core.stack import open_service
 from server.errors import ServingError
 from server.http.errors import error_response, serving_error_response
+from server.http.monitoring import MonitoringApi
 from server.http.routes import V2Api
+from server.http.telemetry import EdgeTelemetry, TelemetryMiddleware
+from server.telemetry import open_telemetry
 
 log = logging.getLogger("sluice.http")
 
@@ -24,11 +28,20 @@ log = logging.getLogger("sluice.http")
 def create_app(settings: Settings) -> Starlette:
     """An ASGI app serving ``settings.model_repository``; models load in the lifespan."""
     api = V2Api(settings)
+    monitoring_api = MonitoringApi(settings.max_request_bytes)
+    edge = EdgeTelemetry()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with open_service(settings) as service:
-            api.service = service
+        async with (
+            open_telemetry(settings) as telemetry,
+            open_service(settings, monitoring=telemetry.monitoring) as service,
+        ):
+            api.service = monitoring_api.service = service
+            monitoring_api.telemetry = telemetry
+            monitoring = telemetry.monitoring
+            if monitoring is not None:
+                edge.bind(monitoring.meter, monitoring.tracer)
             # The loaded libraries and models are hundreds of thousands of long-lived
             # objects; a full collection walking them stalls every request for tens of
             # milliseconds (p99 75 ms -> 11 ms under load when frozen out of the GC).
@@ -42,7 +55,8 @@ def create_app(settings: Settings) -> Starlette:
             try:
                 yield
             finally:
-                api.service = None
+                api.service = monitoring_api.service = None
+                edge.unbind()
 
     async def on_serving_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServingError)
@@ -63,7 +77,8 @@ def create_app(settings: Settings) -> Starlette:
         return error_response(500, f"internal error: {type(exc).__name__}")
 
     app = Starlette(
-        routes=api.routes(),
+        routes=[*api.routes(), *monitoring_api.routes()],
+        middleware=[Middleware(TelemetryMiddleware, edge)] if settings.telemetry.enabled else [],
         lifespan=lifespan,
         exception_handlers={
             ServingError: on_serving_error,

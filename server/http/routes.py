@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import uuid
 import zlib
 
 import orjson
@@ -135,6 +136,9 @@ class V2Api:
         if isinstance(body, Response):
             return body
         decoded = decode_infer(body, request.headers.get(HEADER_LENGTH), name, version)
+        if decoded.request.id is None:
+            # Always answer with an id (as MLServer does) so feedback can name the request.
+            decoded.request.id = uuid.uuid4().hex
         result = await service.infer(decoded.request)
         payload, header_length = encode_infer(result, decoded)
         headers = {}

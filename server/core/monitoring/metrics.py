@@ -1,0 +1,271 @@
+"""OpenTelemetry instruments for serving, drift and quality (API only; the SDK is set up at start).
+
+A histogram record costs the SDK 6-12 us (it cleans and hashes the attributes
+every time), as much as a twentieth of a whole 1-row request. So nothing here
+is recorded per request: what ``VersionStats`` already keeps on the hot path
+(successes, failures by reason, rows, executions, queue/compute/request time,
+cache lookups) is exported by observable instruments read at collection time,
+and only per-execution histograms (compute time, batch size) are recorded as
+batches run. Per-request latency is the HTTP edge's ``http.server.request.duration``.
+Names follow the OpenTelemetry style and map to Prometheus as
+``ml_inference_request_success_total`` and so on, close to Triton's
+``nv_inference_request_success``; the ``*.time`` counters are Triton's
+cumulative ``*_duration_us`` in seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Protocol
+
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+
+from server.core.batcher import BatchRecord
+from server.core.monitoring.drift import STATUS_CODES, Status
+from server.core.registry import ModelRegistry, ModelVersion
+
+# Seconds, from 100 us (an in-process XGBoost call) up to 10 s.
+DURATION_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075,
+    0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+Attributes = dict[str, str]
+
+
+class ServingMetrics:
+    """Per model version: requests, failures by reason, rows, latency, batches, queue, cache."""
+
+    def __init__(self, meter: Meter) -> None:
+        self._registry: ModelRegistry | None = None
+        self._attributes: dict[tuple[str, int], Attributes] = {}
+        self._compute = meter.create_histogram(
+            "ml.inference.compute.duration",
+            unit="s",
+            description="Model execution time of one batch",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+        self._batch = meter.create_histogram(
+            "ml.inference.batch.size",
+            unit="{row}",
+            description="Rows per model execution",
+            explicit_bucket_boundaries_advisory=BATCH_BUCKETS,
+        )
+        counters: list[tuple[str, str, str, Callable[[CallbackOptions], Iterable[Observation]]]] = [
+            ("ml.inference.request.success", "{request}", "Requests answered", self._successes),
+            (
+                "ml.inference.request.failure",
+                "{request}",
+                "Requests failed, by reason (the error class: Overloaded, InvalidInput, ...)",
+                self._failed,
+            ),
+            (
+                "ml.inference.request.rejected",
+                "{request}",
+                "Requests refused with 503 because a queue was full",
+                self._rejected,
+            ),
+            ("ml.inference.count", "{row}", "Rows inferred", self._rows),
+            ("ml.inference.exec.count", "{batch}", "Model executions", self._executions),
+            ("ml.cache.lookups", "{lookup}", "Result cache lookups by result", self._cache),
+            (
+                "ml.inference.request.time",
+                "s",
+                "Cumulative time of answered requests, in the core (Triton: request_duration)",
+                self._request_time,
+            ),
+            (
+                "ml.inference.queue.time",
+                "s",
+                "Cumulative time requests waited for their batch (Triton: queue_duration)",
+                self._queue_time,
+            ),
+            (
+                "ml.inference.compute.time",
+                "s",
+                "Cumulative model execution time (Triton: compute_infer_duration)",
+                self._compute_time,
+            ),
+        ]
+        for name, unit, description, callback in counters:
+            meter.create_observable_counter(
+                name, callbacks=[callback], unit=unit, description=description
+            )
+        meter.create_observable_gauge(
+            "ml.inference.queue.depth",
+            callbacks=[self._depth],
+            unit="{request}",
+            description="Requests waiting for a batch (Triton: pending request count)",
+        )
+
+    def attach(self, registry: ModelRegistry) -> None:
+        self._registry = registry
+
+    def attributes(self, name: str, version: int) -> Attributes:
+        key = (name, version)
+        attributes = self._attributes.get(key)
+        if attributes is None:
+            attributes = self._attributes[key] = {"model": name, "version": str(version)}
+        return attributes
+
+    # -- recorded as batches run ----------------------------------------------------
+
+    def executed(self, version: ModelVersion, record: BatchRecord) -> None:
+        attributes = self.attributes(version.name, version.version)
+        if record.ok:
+            self._compute.record(record.compute_ns / 1e9, attributes)
+            self._batch.record(record.rows, attributes)
+
+    # -- read at collection time --------------------------------------------------
+
+    def _versions(self) -> Iterator[tuple[ModelVersion, Attributes]]:
+        if self._registry is None:
+            return
+        # list() copies are atomic under the GIL; collection runs on the scrape thread.
+        for entry in list(self._registry.models.values()):
+            for mv in list(entry.versions.values()):
+                yield mv, self.attributes(mv.name, mv.version)
+
+    def _successes(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(mv.stats.success.count, a) for mv, a in self._versions()]
+
+    def _failed(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(count, {**a, "reason": reason})
+            for mv, a in self._versions()
+            for reason, count in list(mv.stats.failures_by_reason.items())
+        ]
+
+    def _rejected(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(mv.stats.failures_by_reason.get("Overloaded", 0), a)
+            for mv, a in self._versions()
+        ]
+
+    def _rows(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(mv.stats.inference_count, a) for mv, a in self._versions()]
+
+    def _executions(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(mv.stats.execution_count, a) for mv, a in self._versions()]
+
+    def _cache(self, options: CallbackOptions) -> Iterable[Observation]:
+        out = []
+        for mv, a in self._versions():
+            out.append(Observation(mv.stats.cache_hit.count, {**a, "result": "hit"}))
+            out.append(Observation(mv.stats.cache_miss.count, {**a, "result": "miss"}))
+        return out
+
+    def _request_time(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation((mv.stats.success.ns + mv.stats.fail.ns) / 1e9, a)
+            for mv, a in self._versions()
+        ]
+
+    def _queue_time(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(mv.stats.queue.ns / 1e9, a) for mv, a in self._versions()]
+
+    def _compute_time(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(mv.stats.compute_infer.ns / 1e9, a) for mv, a in self._versions()]
+
+    def _depth(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(mv.dispatcher.depth, a)
+            for mv, a in self._versions()
+            if mv.dispatcher is not None
+        ]
+
+
+# -- drift, data quality and model quality ----------------------------------------
+
+
+class ObservationSource(Protocol):
+    def observations(self, instrument: str) -> list[Observation]: ...
+
+
+GAUGES: dict[str, tuple[str, str]] = {
+    "ml.drift.status": ("", "Data drift per version: 0 ok, 1 warn, 2 alert, -1 no verdict"),
+    "ml.drift.feature.status": ("", "Drift per feature: 0 ok, 1 warn, 2 alert, -1 no verdict"),
+    "ml.drift.detected": ("", "1 when the feature's drift is at alert level"),
+    "ml.drift.score": ("", "Drift statistic per feature (method psi, or js: JS distance base 2)"),
+    "ml.drift.p_value": ("", "Chi-squared homogeneity p-value per feature"),
+    "ml.drift.dataset_share": ("", "Share of features at alert level"),
+    "ml.drift.window.rows": ("{row}", "Rows in the live drift window"),
+    "ml.drift.profile_info": ("", "1, labelled with the reference profile's sha256"),
+    "ml.prediction.drift.status": ("", "Prediction drift: 0 ok, 1 warn, 2 alert, -1 no verdict"),
+    "ml.prediction.drift.detected": ("", "1 when the output's drift is at alert level"),
+    "ml.prediction.drift.score": ("", "Drift statistic per output (method psi or js)"),
+    "ml.feature.missing_ratio": ("", "Share of window rows with the feature missing (NaN)"),
+    "ml.feature.nonfinite_ratio": ("", "Share of window rows with the feature infinite"),
+    "ml.feature.out_of_range_ratio": ("", "Share of values outside the reference min/max"),
+    "ml.performance": ("", "Live quality from feedback labels, by metric"),
+    "ml.performance.reference": ("", "Holdout quality from the model card, by metric"),
+    "ml.performance.delta": ("", "Live minus holdout quality, by metric"),
+    "ml.concept_drift.status": ("", "Concept drift: 0 ok, 2 alert, -1 no verdict"),
+    "ml.feedback.window.labels": ("{label}", "Labels in the live quality window"),
+}
+COUNTERS: dict[str, tuple[str, str]] = {
+    "ml.drift.rows": ("{row}", "Rows observed by drift monitoring"),
+    "ml.feedback.labels": ("{label}", "Feedback labels received, by result (matched|unmatched)"),
+    "ml.monitoring.dropped": ("{request}", "Observations dropped because the queue was full"),
+}
+
+
+def register_monitoring(meter: Meter, source: ObservationSource) -> None:
+    """Observable gauges and counters that read what the monitoring worker last published."""
+
+    def reader(name: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        return lambda options: source.observations(name)
+
+    for name, (unit, description) in GAUGES.items():
+        meter.create_observable_gauge(
+            name, callbacks=[reader(name)], unit=unit, description=description
+        )
+    for name, (unit, description) in COUNTERS.items():
+        meter.create_observable_counter(
+            name, callbacks=[reader(name)], unit=unit, description=description
+        )
+
+
+def report_observations(
+    attributes: Attributes, report: Mapping[str, Any]
+) -> dict[str, list[Observation]]:
+    """A version's report (``MonitoringWorker._report``) as observations per instrument."""
+    out: dict[str, list[Observation]] = {name: [] for name in GAUGES}
+
+    def put(name: str, value: float | None, **extra: str) -> None:
+        if value is not None:
+            out[name].append(Observation(value, {**attributes, **extra}))
+
+    data, prediction = report["data_drift"], report["prediction_drift"]
+    if "columns" in data:
+        put("ml.drift.status", STATUS_CODES[Status(data["status"])])
+        put("ml.drift.dataset_share", data["share"])
+        put("ml.drift.window.rows", report["window"]["rows"])
+        put("ml.drift.profile_info", 1, profile_sha256=report["profile_sha256"])
+        for feature, c in data["columns"].items():
+            status = Status(c["status"])
+            put("ml.drift.feature.status", STATUS_CODES[status], feature=feature)
+            put("ml.drift.detected", int(status is Status.ALERT), feature=feature)
+            put("ml.drift.score", c["psi"], feature=feature, method="psi")
+            put("ml.drift.score", c["js"], feature=feature, method="js")
+            put("ml.drift.p_value", c["p_value"], feature=feature, test="chi2")
+            put("ml.feature.missing_ratio", c["missing_ratio"], feature=feature)
+            put("ml.feature.nonfinite_ratio", c["nonfinite_ratio"], feature=feature)
+            put("ml.feature.out_of_range_ratio", c["out_of_range_ratio"], feature=feature)
+    if prediction.get("columns"):
+        put("ml.prediction.drift.status", STATUS_CODES[Status(prediction["status"])])
+    for output, c in prediction.get("columns", {}).items():
+        status = Status(c["status"])
+        put("ml.prediction.drift.detected", int(status is Status.ALERT), output=output)
+        put("ml.prediction.drift.score", c["psi"], output=output, method="psi")
+        put("ml.prediction.drift.score", c["js"], output=output, method="js")
+    concept = report.get("concept_drift")
+    if concept is not None:
+        put("ml.concept_drift.status", STATUS_CODES[Status(concept["status"])])
+        put("ml.feedback.window.labels", concept["labels"])
+        for metric, m in concept["metrics"].items():
+            put("ml.performance", m["live"], metric=metric)
+            put("ml.performance.reference", m["reference"], metric=metric)
+            put("ml.performance.delta", m["delta"], metric=metric)
+    return out

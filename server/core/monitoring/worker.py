@@ -1,0 +1,357 @@
+"""The background task behind drift, data quality and feedback, fed by a bounded buffer.
+
+The serving path only calls ``observe``: one append of the request's tensors
+to a bounded list, dropped and counted when it is full (an ``asyncio.Queue``
+costs a few microseconds per item in put and get; the list costs a tenth of
+that, and the worker takes it whole). The worker wakes every ``PACE_S`` while
+there is traffic and does the numpy work per version per block. Its failures
+are logged, never raised into a request. ``flush`` waits until everything
+observed before it is counted, so a report or a feedback call sees the
+requests its caller already got answers to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from opentelemetry.metrics import Observation
+
+from server.config import DriftSettings, FeedbackSettings
+from server.core.monitoring.drift import Column, DriftMonitor, Extractor, Status, worst
+from server.core.monitoring.feedback import (
+    FeedbackOutcome,
+    Label,
+    PredictionStore,
+    VersionKey,
+    rows_match,
+)
+from server.core.monitoring.metrics import Attributes, report_observations
+from server.core.monitoring.quality import QualityTracker, card_metrics
+from server.core.monitoring.reference import NumericProfile, ProfileError, load_reference
+from server.core.registry import ModelVersion
+from server.core.service import InferenceRequest, InferenceResult
+from server.core.signature import FLOAT_TYPES
+from server.errors import Overloaded
+
+log = logging.getLogger("sluice.monitoring")
+
+PACE_S = 0.05  # let observations accumulate so numpy works on blocks, not single rows
+FLUSH_TIMEOUT_S = 10.0
+
+
+@dataclass(slots=True)
+class Observed:
+    version: ModelVersion
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+    request_id: str | None
+
+
+@dataclass(slots=True)
+class VersionState:
+    """Everything monitored for one served version."""
+
+    key: VersionKey
+    sha256: str
+    attributes: Attributes
+    drift: DriftMonitor | None
+    drift_reason: str
+    quality: QualityTracker | None
+    score: Extractor | None
+    matched: int = 0
+    dirty: bool = True
+    observations: dict[str, list[Observation]] = field(default_factory=dict)
+
+
+class MonitoringWorker:
+    """Drift windows, the prediction store and quality trackers of every served version."""
+
+    def __init__(
+        self,
+        drift: DriftSettings,
+        feedback: FeedbackSettings,
+        attributes: Callable[[str, int], Attributes],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.drift_settings = drift
+        self.feedback_settings = feedback
+        self._attributes = attributes
+        self._clock = clock
+        self._capacity = drift.queue_size
+        self._pending: list[Observed] = []
+        self._ready = asyncio.Event()  # something to do: observations, a flush, a publish
+        self._flushes: list[asyncio.Future[None]] = []
+        self._states: dict[VersionKey, VersionState] = {}
+        self._store = (
+            PredictionStore(feedback.max_predictions, feedback.retention_s)
+            if feedback.enabled
+            else None
+        )
+        self._unmatched: dict[str, int] = {}
+        self._published: dict[str, list[Observation]] = {}
+        self._published_at = -float("inf")
+        self._timer: asyncio.TimerHandle | None = None
+        self._hurry = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.dropped = 0
+
+    # -- the serving path ----------------------------------------------------------
+
+    def observe(
+        self, version: ModelVersion, request: InferenceRequest, result: InferenceResult
+    ) -> None:
+        pending = self._pending
+        if len(pending) >= self._capacity:
+            self.dropped += 1
+            return
+        pending.append(Observed(version, request.inputs, result.outputs, result.id))
+        if len(pending) == 1:  # the first since the worker last took the buffer
+            self._ready.set()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        """Count what is queued, then stop."""
+        if self._task is None:
+            return
+        with contextlib.suppress(Overloaded):
+            await self.flush()
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self._task = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def flush(self) -> None:
+        """Return once everything observed before this call has been counted."""
+        if self._task is None or self._task.done():
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._flushes.append(done)
+        self._ready.set()
+        self._hurry.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(done), FLUSH_TIMEOUT_S)
+        except TimeoutError:
+            raise Overloaded("monitoring is behind; retry shortly") from None
+
+    # -- the worker ------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            block, self._pending = self._pending, []
+            flushes, self._flushes = self._flushes, []
+            groups: dict[VersionKey, list[Observed]] = {}
+            for item in block:
+                groups.setdefault((item.version.name, item.version.version), []).append(item)
+            for items in groups.values():
+                try:
+                    state = await self._state(items[0].version)
+                    self._absorb(state, items)
+                except Exception:  # monitoring must never take serving down
+                    log.exception("monitoring failed for %s", items[0].version.name)
+            try:
+                self._publish_if_due()
+            except Exception:
+                log.exception("publishing monitoring results failed")
+            for done in flushes:
+                if not done.done():
+                    done.set_result(None)
+            await self._pace()
+
+    async def _pace(self) -> None:
+        """Let observations accumulate, unless someone waits for a flush."""
+        self._hurry.clear()
+        if self._flushes:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._hurry.wait(), PACE_S)
+
+    async def _state(self, mv: ModelVersion) -> VersionState:
+        key = (mv.name, mv.version)
+        state = self._states.get(key)
+        if state is None or state.sha256 != mv.sha256:
+            state = await asyncio.to_thread(self._build, mv)
+            self._states[key] = state
+        return state
+
+    def _build(self, mv: ModelVersion) -> VersionState:
+        drift: DriftMonitor | None = None
+        reason = ""
+        reference = None
+        if not self.drift_settings.enabled:
+            reason = "drift monitoring is disabled"
+        elif mv.source is None or not mv.source.reference_path.is_file():
+            reason = "this version has no reference.json"
+        elif not mv.signature.batched:
+            reason = "drift needs a batch dimension on every input"
+        else:
+            try:
+                reference = load_reference(mv.source.reference_path)
+                drift = DriftMonitor(reference, mv.signature, self.drift_settings)
+            except ProfileError as exc:
+                reason = str(exc)
+                log.warning("%s v%d: no drift monitoring: %s", mv.name, mv.version, exc)
+        quality = None
+        if self.feedback_settings.enabled:
+            card = card_metrics(mv.source.card) if mv.source is not None else {}
+            quality = QualityTracker(card, self.feedback_settings)
+        return VersionState(
+            key=(mv.name, mv.version),
+            sha256=mv.sha256,
+            attributes=self._attributes(mv.name, mv.version),
+            drift=drift,
+            drift_reason=reason,
+            quality=quality,
+            score=_score_column(mv, reference.predictions if reference else {}),
+        )
+
+    def _absorb(self, state: VersionState, items: Sequence[Observed]) -> None:
+        now = self._clock()
+        if state.drift is not None:
+            needed = state.drift.output_names
+            outputs = [i.outputs for i in items if needed <= i.outputs.keys()]
+            state.drift.update(_concat([i.inputs for i in items]), _concat(outputs), now)
+            state.dirty = True
+        if self._store is not None and state.score is not None:
+            tensor = state.score.columns[0].tensor
+            named = [i for i in items if tensor in i.outputs]
+            scores = state.score.matrix(_concat([{tensor: i.outputs[tensor]} for i in named]))
+            if scores is not None:
+                ids = [i.request_id for i in named]
+                rows = [len(i.outputs[tensor]) for i in named]
+                self._store.put(state.key, ids, rows, scores[:, 0], now)
+
+    # -- results ---------------------------------------------------------------------
+
+    def _publish_if_due(self) -> None:
+        if not any(s.dirty for s in self._states.values()):
+            return
+        now = self._clock()
+        due = self._published_at + self.drift_settings.interval_s
+        if now >= due:
+            self._publish(now)
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(due - now, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        self._ready.set()
+
+    def _publish(self, now: float) -> None:
+        for state in self._states.values():
+            if state.dirty:
+                state.observations = report_observations(state.attributes, self._report(state, now))
+                state.dirty = False
+        merged: dict[str, list[Observation]] = {}
+        for state in self._states.values():
+            for name, observations in state.observations.items():
+                merged.setdefault(name, []).extend(observations)
+            if state.drift is not None:
+                rows = state.drift.features.rows_seen
+                merged.setdefault("ml.drift.rows", []).append(Observation(rows, state.attributes))
+            if state.quality is not None:
+                matched = {**state.attributes, "result": "matched"}
+                merged.setdefault("ml.feedback.labels", []).append(
+                    Observation(state.matched, matched)
+                )
+        for model, count in self._unmatched.items():
+            merged.setdefault("ml.feedback.labels", []).append(
+                Observation(count, {"model": model, "result": "unmatched"})
+            )
+        self._published = merged  # one reference swap: the scrape thread sees old or new
+        self._published_at = now
+
+    def observations(self, instrument: str) -> list[Observation]:
+        """What the gauges export (read on the metrics collection thread)."""
+        if instrument == "ml.monitoring.dropped":
+            return [Observation(self.dropped, {"reason": "queue_full"})]
+        return self._published.get(instrument, [])
+
+    def _report(self, state: VersionState, now: float) -> dict[str, Any]:
+        name, version = state.key
+        doc: dict[str, Any] = {"model": name, "version": str(version)}
+        sections = []
+        if state.drift is not None:
+            drift = state.drift.report(now)
+            doc.update(drift)
+            sections += [drift["data_drift"], drift["prediction_drift"]]
+        else:
+            absent = {"status": Status.NO_REFERENCE.value, "reason": state.drift_reason}
+            doc["data_drift"] = doc["prediction_drift"] = absent
+        if state.quality is not None:
+            doc["concept_drift"] = state.quality.report()
+            sections.append(doc["concept_drift"])
+        doc["status"] = worst(Status(s["status"]) for s in sections).value
+        return doc
+
+    async def report(self, mv: ModelVersion) -> dict[str, Any]:
+        """The current drift, data-quality and concept-drift report of one version."""
+        await self.flush()
+        return self._report(await self._state(mv), self._clock())
+
+    async def feedback(
+        self, model: str, version: int | None, labels: Sequence[Label]
+    ) -> FeedbackOutcome:
+        """Join labels to stored predictions of ``model`` (and ``version`` when given)."""
+        await self.flush()
+        outcome = FeedbackOutcome()
+        if self._store is None:
+            for label in labels:
+                outcome.reject(f"id '{label.request_id}': feedback is disabled")
+            return outcome
+        now = self._clock()
+        self._store.expire(now)
+        for label in labels:
+            stored = self._store.peek(label.request_id)
+            if stored is None or stored.key[0] != model or version not in (None, stored.key[1]):
+                outcome.miss(label.request_id)
+                self._unmatched[model] = self._unmatched.get(model, 0) + len(label.values)
+                continue
+            self._store.take(label.request_id, now)
+            state = self._states.get(stored.key)
+            problem = rows_match(label, stored)
+            if problem is not None or state is None or state.quality is None:
+                outcome.reject(problem or f"id '{label.request_id}': version no longer served")
+                continue
+            state.quality.add(stored.scores, label.values)
+            state.matched += len(label.values)
+            state.dirty = True
+            outcome.matched += 1
+        self._publish_if_due()
+        return outcome
+
+
+def _concat(tensors: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if not tensors:
+        return {}
+    if len(tensors) == 1:
+        return dict(tensors[0])
+    return {name: np.concatenate([t[name] for t in tensors]) for name in tensors[0]}
+
+
+def _score_column(mv: ModelVersion, predictions: Mapping[str, Any]) -> Extractor | None:
+    """The score labels are compared with: the reference's first numeric output, else
+    the first float output (column 1 of a two-column probability output)."""
+    for name, profile in predictions.items():
+        if isinstance(profile, NumericProfile) and name in mv.signature.output_names:
+            return Extractor([Column(name, name, profile.column)])
+    for spec in mv.signature.outputs:
+        if spec.datatype in FLOAT_TYPES and len(spec.shape) <= 2:
+            column = 1 if len(spec.shape) == 2 and spec.shape[1] == 2 else None
+            return Extractor([Column(spec.name, spec.name, column)])
+    return None

@@ -1,0 +1,164 @@
+"""HTTP server telemetry as pure ASGI middleware: ``http.server.request.duration`` and spans.
+
+Follows the stable HTTP semantic conventions: seconds, the route template (never
+the raw path), method (``_OTHER`` for unknown ones), status code, ``url.scheme``
+and ``error.type`` on failures. Attribute dicts are built once per distinct
+combination, so a request costs one clock read and one histogram record.
+"""
+
+from __future__ import annotations
+
+import time
+from contextvars import Token
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.metrics import Histogram, Meter
+from opentelemetry.propagate import extract
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.trace import Span, SpanKind, Tracer
+from opentelemetry.trace.status import Status, StatusCode
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+# Seconds, suited to millisecond latencies: 0.5 ms up to 10 s.
+HTTP_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1,
+    0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+)  # fmt: skip
+KNOWN_METHODS = frozenset(
+    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"}
+)
+_Key = tuple[str, str, str | None, int, str | None]
+
+
+class _Headers(Getter[list[tuple[bytes, bytes]]]):
+    def get(self, carrier: list[tuple[bytes, bytes]], key: str) -> list[str] | None:
+        wanted = key.lower().encode("latin-1")
+        found = [value.decode("latin-1") for name, value in carrier if name.lower() == wanted]
+        return found or None
+
+    def keys(self, carrier: list[tuple[bytes, bytes]]) -> list[str]:
+        return [name.decode("latin-1") for name, _ in carrier]
+
+
+_GETTER = _Headers()
+
+
+class EdgeTelemetry:
+    """The instruments the middleware records into; bound by the lifespan once built."""
+
+    def __init__(self) -> None:
+        self._duration: Histogram | None = None
+        self._tracer: Tracer | None = None
+        self._attributes: dict[_Key, dict[str, Any]] = {}
+
+    def bind(self, meter: Meter | None, tracer: Tracer | None) -> None:
+        self._duration = (
+            meter.create_histogram(
+                "http.server.request.duration",
+                unit="s",
+                description="Duration of HTTP server requests",
+                explicit_bucket_boundaries_advisory=HTTP_BUCKETS,
+            )
+            if meter is not None
+            else None
+        )
+        self._tracer = tracer
+
+    def unbind(self) -> None:
+        self._duration = None
+        self._tracer = None
+
+    def attributes(self, key: _Key) -> dict[str, Any]:
+        cached = self._attributes.get(key)
+        if cached is None:
+            method, scheme, route, status, error = key
+            cached = {"http.request.method": method, "url.scheme": scheme}
+            if route is not None:
+                cached["http.route"] = route
+            if status:
+                cached["http.response.status_code"] = status
+            if error is not None:
+                cached["error.type"] = error
+            self._attributes[key] = cached
+        return cached
+
+
+class TelemetryMiddleware:
+    """Pure ASGI middleware (no BaseHTTPMiddleware: it would buffer and re-task requests)."""
+
+    def __init__(self, app: ASGIApp, edge: EdgeTelemetry) -> None:
+        self.app = app
+        self.edge = edge
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        edge = self.edge
+        duration, tracer = edge._duration, edge._tracer
+        if scope["type"] != "http" or (duration is None and tracer is None):
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 0
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        method = scope["method"] if scope["method"] in KNOWN_METHODS else "_OTHER"
+        span, token = (None, None) if tracer is None else _start_span(tracer, scope, method)
+        error: str | None = None
+        try:
+            await self.app(scope, receive, send_with_status)
+        except Exception as exc:
+            error = type(exc).__qualname__
+            raise
+        finally:
+            route = getattr(scope.get("route"), "path", None)
+            if error is None and (status == 0 or status >= 500):
+                error = str(status or 500)
+            attributes = edge.attributes(
+                (method, scope.get("scheme", "http"), route, status or 500, error)
+            )
+            if duration is not None:
+                duration.record(time.perf_counter() - started, attributes)
+            if span is not None:
+                _end_span(span, token, method, route, attributes, error)
+
+
+def _start_span(tracer: Tracer, scope: Scope, method: str) -> tuple[Span, Token[Context]]:
+    parent = extract(scope.get("headers") or [], getter=_GETTER)
+    span = tracer.start_span(
+        method,
+        context=parent,
+        kind=SpanKind.SERVER,
+        attributes={
+            "http.request.method": method,
+            "url.path": scope.get("path", ""),
+            "url.scheme": scope.get("scheme", "http"),
+            "network.protocol.version": scope.get("http_version", "1.1"),
+        },
+    )
+    token = otel_context.attach(trace.set_span_in_context(span, parent))
+    return span, token
+
+
+def _end_span(
+    span: Span,
+    token: Token[Context] | None,
+    method: str,
+    route: str | None,
+    attributes: dict[str, Any],
+    error: str | None,
+) -> None:
+    if token is not None:
+        otel_context.detach(token)
+    if route is not None:
+        span.update_name(f"{method} {route}")
+    span.set_attributes(attributes)
+    if error is not None:
+        span.set_status(Status(StatusCode.ERROR, error))
+    span.end()
