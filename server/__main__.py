@@ -1,4 +1,4 @@
-"""The ``sluice`` command line: ``serve``, ``models list``."""
+"""The ``sluice`` command line: ``serve``, ``batch``, ``models list``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from server import __version__
+from server.batch import cli as batch_cli
 from server.config import ConfigError, Settings, load_settings
 
 EXIT_USAGE = 2
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="dynamic batching (per-model settings still apply)",
     )
 
+    batch_cli.add_parser(commands)
+
     models = commands.add_parser("models", help="inspect the model repository")
     models_commands = models.add_subparsers(dest="models_command", required=True)
     listing = models_commands.add_parser("list", help="models, versions, readiness, digests")
@@ -55,6 +58,8 @@ def settings_from(args: argparse.Namespace, *names: str) -> Settings:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "batch":
+        return batch_cli.run(args)
     try:
         if args.command == "serve":
             settings = settings_from(

@@ -1,0 +1,1 @@
+"""Benchmarks that produce the figures quoted in the README."""

@@ -1,0 +1,1 @@
+"""Offline scoring of files through the same ``InferenceService`` as the HTTP edge."""
