@@ -29,6 +29,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from loadtest.benchmarks.readme import provenance, write_section
 from server.core.repository import ModelRepository
 from server.core.runtimes import RUNTIMES
 from server.core.signature import TensorSpec
@@ -116,6 +117,30 @@ def run_engine(
     return doc, wall
 
 
+def readme_table(
+    runs: list[EngineRun], floor: float, best_chunk: int, threads: int, argv: list[str] | None
+) -> str:
+    lines = [
+        "| rows in file | `sluice batch` rows/s | in-process floor rows/s | share of floor "
+        "| peak RSS |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {r.rows:,} | {r.rows_per_s:,.0f} | {floor:,.0f} | {r.share_of_floor:.0%} "
+        f"| {r.peak_rss_mb:,.0f} MiB |"
+        for r in runs
+    ]
+    lines += [
+        "",
+        f"Floor: the runtime's own predict on the same rows in memory, {threads} threads, "
+        f"chunks of {best_chunk:,} (the best of {', '.join(f'{c:,}' for c in FLOOR_CHUNKS)}). "
+        "Each figure is the best of the runs; peak RSS is the largest.",
+        "",
+        provenance(argv),
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else "")
     parser.add_argument("--model-repository", type=Path, default=Path("models"))
@@ -125,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-rows", type=int, help="engine chunk size (default: its own)")
     parser.add_argument("--repeat", type=int, default=2, help="runs per figure (best is kept)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--write-readme", action="store_true", help="put the table into README.md's batch section"
+    )
     args = parser.parse_args(argv)
     repo, model = args.model_repository, args.model
     repository = ModelRepository(repo)
@@ -174,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in runs:
         print(f"{r.rows:>10,} {r.rows_per_s:>14,.0f} {r.share_of_floor:>9.0%} "
               f"{r.wall_s:>7.1f} {r.peak_rss_mb:>13,.0f}")  # fmt: skip
+    if args.write_readme:
+        write_section("batch", readme_table(runs, floor, best_chunk, args.threads, argv))
     if args.json:
         args.json.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     print(orjson.dumps(result).decode())
