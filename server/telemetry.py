@@ -13,6 +13,9 @@ exporters and samplers read themselves):
   says otherwise; sampled by ``telemetry.trace_sample_ratio`` or
   ``OTEL_TRACES_SAMPLER``; a batch span is kept whenever a request it served is.
 - ``OTEL_SDK_DISABLED=true`` turns both off; drift and feedback still work.
+
+Every metric reader is bridged (``server.metric_bridge``): per-request
+histograms aggregated outside the SDK are exported alongside the SDK's own.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
     MetricExporter,
     MetricReader,
-    PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -44,6 +46,7 @@ from opentelemetry.sdk.trace.sampling import (
     TraceIdRatioBased,
     _get_from_env_or_default,
 )
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanKind, get_current_span
 from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import Attributes
@@ -51,7 +54,8 @@ from prometheus_client import CollectorRegistry
 
 from server import __version__
 from server.config import Settings, TelemetrySettings
-from server.core.monitoring.hub import Monitoring
+from server.core.monitoring.hub import SCOPE, Monitoring
+from server.metric_bridge import BridgedPeriodicReader, BridgedPrometheusReader, MetricBridge
 
 log = logging.getLogger("sluice.telemetry")
 
@@ -68,6 +72,9 @@ class Telemetry:
     prometheus: CollectorRegistry | None = None
     meter_provider: MeterProvider | None = None
     tracer_provider: TracerProvider | None = None
+    # Where per-request histograms go instead of the SDK; None when a reader
+    # exports histograms as deltas (the bridge only keeps cumulative state).
+    bridge: MetricBridge | None = None
 
     def shutdown(self) -> None:
         if self.tracer_provider is not None:
@@ -97,7 +104,8 @@ def build_telemetry(settings: Settings, environ: Mapping[str, str]) -> Telemetry
         return Telemetry(monitoring=Monitoring(settings))
     resource = service_resource(config)
     registry = CollectorRegistry() if "prometheus" in metric_exporters(config, environ) else None
-    readers = metric_readers(config, environ, registry)
+    bridge = MetricBridge(resource, InstrumentationScope(SCOPE, __version__))
+    readers = metric_readers(config, environ, registry, bridge)
     meter_provider = MeterProvider(
         metric_readers=readers, resource=resource, shutdown_on_exit=False
     )
@@ -107,6 +115,7 @@ def build_telemetry(settings: Settings, environ: Mapping[str, str]) -> Telemetry
         prometheus=registry,
         meter_provider=meter_provider,
         tracer_provider=tracer_provider,
+        bridge=None if delta_histograms(config, environ) else bridge,
     )
 
 
@@ -146,23 +155,34 @@ def metric_exporters(config: TelemetrySettings, environ: Mapping[str, str]) -> s
     return chosen
 
 
+def delta_histograms(config: TelemetrySettings, environ: Mapping[str, str]) -> bool:
+    """Whether an exporter asks for delta histograms (OTLP's temporality preference)."""
+    if "otlp" not in metric_exporters(config, environ):
+        return False
+    preference = environ.get("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "")
+    return preference.strip().lower() in ("delta", "lowmemory")
+
+
 def metric_readers(
-    config: TelemetrySettings, environ: Mapping[str, str], registry: CollectorRegistry | None
+    config: TelemetrySettings,
+    environ: Mapping[str, str],
+    registry: CollectorRegistry | None,
+    bridge: MetricBridge,
 ) -> list[MetricReader]:
     readers: list[MetricReader] = []
     interval = None if config.export_interval_s is None else config.export_interval_s * 1000
     for name in sorted(metric_exporters(config, environ)):
         if name == "prometheus" and registry is not None:
-            from opentelemetry.exporter.prometheus import PrometheusMetricReader
-
             # A registry per app, not prometheus_client's global one: several apps
             # (tests, reloads) in one process must not collide.
-            readers.append(PrometheusMetricReader(registry=registry, scope_info_enabled=False))
+            readers.append(
+                BridgedPrometheusReader(bridge, registry=registry, scope_info_enabled=False)
+            )
         elif name in ("otlp", "console"):
             exporter = _metric_exporter(config, environ) if name == "otlp" else None
             readers.append(
-                PeriodicExportingMetricReader(
-                    exporter or ConsoleMetricExporter(), export_interval_millis=interval
+                BridgedPeriodicReader(
+                    bridge, exporter or ConsoleMetricExporter(), export_interval_millis=interval
                 )
             )
         else:
