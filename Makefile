@@ -31,8 +31,9 @@ check: $(STAMP)
 	$(BIN)/ruff check server loadtest tests models
 	$(BIN)/mypy
 
+# Serving benchmark (about 15 minutes; installs MLServer into .bench/ on first use).
 bench: $(MODELS_STAMP)
-	$(BIN)/python -m loadtest.benchmarks
+	$(BIN)/python -m loadtest.benchmarks.serving --write-readme
 
 clean:
 	rm -rf $(VENV) models/*/[0-9]*/ $(MODELS_STAMP)
