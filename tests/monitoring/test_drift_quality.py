@@ -108,6 +108,36 @@ def test_store_keeps_every_row_of_a_request_and_newest_reused_id() -> None:
     assert len(store) == 0
 
 
+def test_store_keeps_the_last_of_an_id_repeated_in_one_block() -> None:
+    store = PredictionStore(max_items=10, retention_s=100.0)
+    store.put(("m", 1), ["a", "b", "a"], [1, 2, 1], np.arange(4.0), now=0.0)
+    assert len(store) == 2
+    a = store.take("a", now=0.0)
+    assert a is not None
+    assert a.scores.tolist() == [3.0]
+    assert store.take("a", now=0.0) is None
+    b = store.take("b", now=0.0)
+    assert b is not None
+    assert b.scores.tolist() == [1.0, 2.0]
+
+
+def test_store_evicts_whole_blocks_counting_only_what_was_still_waiting() -> None:
+    store = PredictionStore(max_items=4, retention_s=100.0)
+    store.put(("m", 1), ["a", "b", "c"], [1, 1, 1], np.zeros(3), now=0.0)
+    assert store.take("b", now=0.0) is not None
+    store.put(("m", 1), ["d", "e", "f"], [1, 1, 1], np.ones(3), now=1.0)
+    assert len(store) == 3  # a and c went with their block
+    assert store.evicted == 2
+    assert store.take("a", now=1.0) is None
+    assert [store.take(i, now=1.0) is not None for i in "def"] == [True] * 3
+    store.put(("m", 1), ["g", "h"], [1, 1], np.ones(2), now=2.0)
+    store.put(("m", 1), ["g", "i", "j"], [1, 1, 1], np.ones(3), now=3.0)  # g again: newest wins
+    store.put(("m", 1), ["k"], [1], np.ones(1), now=4.0)
+    assert len(store) == 4  # g, i, j, k: the first g's block went, taking only h
+    assert store.take("g", now=4.0) is not None
+    assert store.evicted == 3
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [

@@ -101,6 +101,11 @@ class Extractor:
             indices.append(0 if column.index is None else column.index)
         self._groups = {t: (np.array(p), np.array(i)) for t, (p, i) in groups.items()}
 
+    @property
+    def tensors(self) -> frozenset[str]:
+        """The tensors the columns come from."""
+        return frozenset(self._groups)
+
     def matrix(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray | None:
         """None when a tensor is absent (an output the client did not ask for)."""
         if not self.columns or any(name not in tensors for name in self._groups):
@@ -165,9 +170,14 @@ class DriftMonitor:
         self.unmatched = unmatched + out_unmatched
 
     @property
+    def input_names(self) -> frozenset[str]:
+        """The input tensors data drift reads."""
+        return self._inputs.tensors
+
+    @property
     def output_names(self) -> frozenset[str]:
         """The output tensors prediction drift reads."""
-        return frozenset(c.tensor for c in self._outputs.columns)
+        return self._outputs.tensors
 
     def update(
         self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], now: float

@@ -44,19 +44,25 @@ class _Block:
     key: VersionKey
     at: float
     scores: np.ndarray
-    ids: list[str]
-    live: int
+    offsets: np.ndarray  # request i has scores[offsets[i]:offsets[i + 1]]
+    ids: tuple[str, ...]  # of the requests that had one
+    live: int  # ids still pointing at this block
+
+
+_POSITION_BITS = 32
 
 
 class PredictionStore:
     """Request id -> (version, scores), oldest first; evicts by count and retention.
 
     Predictions arrive in blocks (one per version per monitoring cycle); the
-    index maps an id to a slice of its block's score array. Index entries are
-    tuples of ints, which the garbage collector does not track, so a full store
-    adds nothing to collection pauses. Eviction drops whole blocks, oldest
-    first; a block goes as soon as all its predictions got labels, and the rows
-    held stay under ``ROWS_PER_ITEM x max_items`` whatever the request sizes.
+    index maps an id to a block number and the request's position in it,
+    packed into one int. A dict of str -> int is not tracked by the garbage
+    collector, nor is a block's tuple of ids once a collection has seen it, so
+    a full store adds nothing to collection pauses. Eviction drops whole
+    blocks, oldest first; a block goes as soon as all its predictions got
+    labels, and the rows held stay under ``ROWS_PER_ITEM x max_items`` whatever
+    the request sizes.
     """
 
     ROWS_PER_ITEM = 8
@@ -64,7 +70,7 @@ class PredictionStore:
     def __init__(self, max_items: int, retention_s: float) -> None:
         self.max_items = max_items
         self.retention_s = retention_s
-        self._index: dict[str, tuple[int, int, int]] = {}
+        self._index: dict[str, int] = {}
         self._blocks: dict[int, _Block] = {}
         self._order: deque[int] = deque()
         self._numbers = 0
@@ -83,22 +89,34 @@ class PredictionStore:
         now: float,
     ) -> None:
         """Requests ``ids`` with ``rows`` rows each, in order; ``scores`` has one per row."""
+        if len(ids) != len(rows):
+            raise ValueError(f"{len(ids)} ids for {len(rows)} row counts")
         number = self._numbers
         self._numbers += 1
-        block = _Block(key, now, scores, [], 0)
-        index, blocks = self._index, self._blocks
-        start = 0
-        for request_id, n in zip(ids, rows, strict=True):
-            if request_id is not None:
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(rows, out=offsets[1:])
+        named = tuple(filter(None, ids))
+        block = _Block(key, now, scores, offsets, named, 0)
+        index, base = self._index, number << _POSITION_BITS
+        if len(named) == len(ids) and index.keys().isdisjoint(named):
+            # The usual block: fresh ids only, indexed at C speed.
+            before = len(index)
+            index.update(zip(named, range(base, base + len(named)), strict=True))
+            block.live = len(index) - before  # less than len(ids) if an id repeats
+        else:
+            for position, request_id in enumerate(ids):
+                if not request_id:
+                    continue
                 previous = index.get(request_id)
                 if previous is not None:  # a reused id: the newer request wins
-                    self._release(previous[0])
-                index[request_id] = (number, start, start + n)
-                block.ids.append(request_id)
+                    if previous >> _POSITION_BITS == number:
+                        block.live -= 1
+                    else:
+                        self._release(previous >> _POSITION_BITS)
+                index[request_id] = base | position
                 block.live += 1
-            start += n
         if block.live:
-            blocks[number] = block
+            self._blocks[number] = block
             self._order.append(number)
             self._rows += len(scores)
         self.expire(now)
@@ -128,18 +146,21 @@ class PredictionStore:
             number = order.popleft()
             del blocks[number]
             self._rows -= len(oldest.scores)
+            self.evicted += oldest.live
+            if oldest.live == len(oldest.ids):  # distinct ids, each still pointing here
+                deque(map(self._index.__delitem__, oldest.ids), maxlen=0)
+                continue
             for request_id in oldest.ids:
                 entry = self._index.get(request_id)
-                if entry is not None and entry[0] == number:
+                if entry is not None and entry >> _POSITION_BITS == number:
                     del self._index[request_id]
-                    self.evicted += 1
 
     def take(self, request_id: str, now: float) -> StoredPrediction | None:
         """The prediction, removed: one label per prediction."""
         self.expire(now)
         stored = self.peek(request_id)
         if stored is not None:
-            number = self._index.pop(request_id)[0]
+            number = self._index.pop(request_id) >> _POSITION_BITS
             self._release(number)
         return stored
 
@@ -147,8 +168,9 @@ class PredictionStore:
         entry = self._index.get(request_id)
         if entry is None:
             return None
-        number, start, end = entry
-        block = self._blocks[number]
+        block = self._blocks[entry >> _POSITION_BITS]
+        position = entry & ((1 << _POSITION_BITS) - 1)
+        start, end = block.offsets[position], block.offsets[position + 1]
         return StoredPrediction(block.key, block.scores[start:end].copy(), block.at)
 
 

@@ -56,6 +56,7 @@ class ProfileWindow:
         # (columns x edges) matrix padded with +inf; one comparison replaces a loop.
         numeric = [i for i, p in enumerate(self.profiles) if isinstance(p, NumericProfile)]
         self._numeric = np.array(numeric, dtype=np.int64)
+        self._numeric_offsets = self.offsets[self._numeric]
         self._categorical = [i for i in range(columns) if i not in set(numeric)]
         edges = [self.profiles[i].edges for i in numeric]  # type: ignore[union-attr]
         width_edges = max((len(e) for e in edges), default=0)
@@ -91,39 +92,42 @@ class ProfileWindow:
         self._started[slot] = now
 
     def _count(self, part: np.ndarray) -> None:
+        # Column by column (a transposed copy): numpy is quick along long rows and
+        # slow along a short trailing axis. Every value gets its global bin (column
+        # offset + bin in the column), and one bincount counts them all.
         slot = self._current
-        finite = np.isfinite(part)
+        columns = np.ascontiguousarray(part.T)
+        finite = np.isfinite(columns)
         all_finite = bool(finite.all())
         extras = self._extras[slot]
         if all_finite:
-            self._sums[slot] += part.sum(axis=0)
+            self._sums[slot] += columns.sum(axis=1)
         else:
-            missing = np.isnan(part)
-            extras[:, MISSING] += missing.sum(axis=0)
-            extras[:, NONFINITE] += (~finite & ~missing).sum(axis=0)
-            self._sums[slot] += np.where(finite, part, 0.0).sum(axis=0)
-        counts = self._counts[slot]
-        width = counts.shape[0]
+            missing = np.isnan(columns)
+            extras[:, MISSING] += missing.sum(axis=1)
+            extras[:, NONFINITE] += (~finite & ~missing).sum(axis=1)
+            self._sums[slot] += np.where(finite, columns, 0.0).sum(axis=1)
+        bins = np.empty(columns.shape, dtype=np.int64)
         if len(self._numeric):
-            values = part[:, self._numeric]
-            bins = (values[:, :, None] >= self._edges[None, :, :]).sum(axis=2)
-            bins += self.offsets[self._numeric][None, :]
-            outside = (values < self._low) | (values > self._high)
-            if all_finite:
-                counts += np.bincount(bins.ravel(), minlength=width)
-            else:
-                live = finite[:, self._numeric]
-                weights = live.ravel().astype(np.float64)
-                counts += np.bincount(bins.ravel(), weights, minlength=width).astype(np.int64)
-                outside &= live
-            extras[self._numeric, OUT_OF_RANGE] += outside.sum(axis=0)
+            values = columns[self._numeric]
+            numeric = np.repeat(self._numeric_offsets[:, None], values.shape[1], axis=1)
+            for edge in self._edges.T:  # bin = edges <= x; the +inf padding never counts
+                numeric += values >= edge[:, None]
+            bins[self._numeric] = numeric
+            outside = (values < self._low[:, None]) | (values > self._high[:, None])
+            if not all_finite:
+                outside &= finite[self._numeric]
+            extras[self._numeric, OUT_OF_RANGE] += outside.sum(axis=1)
         for column in self._categorical:
             profile = self.profiles[column]
             assert isinstance(profile, CategoricalProfile)
-            values = part[finite[:, column], column]
-            bins, outside = _categories(profile, values)
-            extras[column, OUT_OF_RANGE] += int(outside.sum())
-            counts += np.bincount(bins + self.offsets[column], minlength=width)
+            found, unknown = _categories(profile, columns[column])
+            bins[column] = found + self.offsets[column]
+            if not all_finite:
+                unknown &= finite[column]
+            extras[column, OUT_OF_RANGE] += int(unknown.sum())
+        counted = bins.ravel() if all_finite else bins[finite]
+        self._counts[slot] += np.bincount(counted, minlength=self._counts.shape[1])
         self._rows[slot] += len(part)
         self.rows_seen += len(part)
 
@@ -140,6 +144,8 @@ class ProfileWindow:
 def _categories(profile: CategoricalProfile, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Bin = the category's index; values of no reference category share the last bin."""
     known = profile.values
-    position = np.minimum(np.searchsorted(known, values), len(known) - 1)
-    matched = known[position] == values
-    return np.where(matched, position, len(known)), ~matched
+    position = np.searchsorted(known, values)
+    np.minimum(position, len(known) - 1, out=position)
+    unknown = known[position] != values
+    position[unknown] = len(known)
+    return position, unknown
