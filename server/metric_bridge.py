@@ -146,10 +146,6 @@ class MetricBridge:
         self._histograms.append(histogram)
         return histogram
 
-    def remove(self, histogram: LocalHistogram) -> None:
-        if histogram in self._histograms:
-            self._histograms.remove(histogram)
-
     def merge(self, data: MetricsData) -> MetricsData:
         """``data`` with the bridge's metrics added to its scope (created when absent)."""
         now = time.time_ns()

@@ -57,7 +57,6 @@ class EdgeTelemetry:
     def __init__(self) -> None:
         self._duration: Histogram | None = None
         self._local: LocalHistogram | None = None
-        self._bridge: MetricBridge | None = None
         self._tracer: Tracer | None = None
         self._attributes: dict[_Key, dict[str, Any]] = {}
         self._series: dict[_Key, HistogramSeries] = {}
@@ -75,7 +74,6 @@ class EdgeTelemetry:
             "Duration of HTTP server requests",
         )
         if bridge is not None and tracer is None:
-            self._bridge = bridge
             self._local = bridge.create_histogram(name, unit, description, HTTP_BUCKETS)
         else:
             self._duration = meter.create_histogram(
@@ -86,9 +84,8 @@ class EdgeTelemetry:
             )
 
     def unbind(self) -> None:
-        if self._bridge is not None and self._local is not None:
-            self._bridge.remove(self._local)
-        self._duration = self._local = self._bridge = self._tracer = None
+        """Stop recording; what was recorded stays with the bridge for the last export."""
+        self._duration = self._local = self._tracer = None
         self._series.clear()
 
     @property

@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.config import DriftSettings, Settings, TelemetrySettings
 from server.http.app import create_app
+from server.http.telemetry import EdgeTelemetry
 from server.metric_bridge import BridgedPeriodicReader, BridgedPrometheusReader, MetricBridge
 from server.telemetry import delta_histograms
 
@@ -133,6 +134,32 @@ def test_a_pushed_export_carries_the_bridged_histogram_in_its_scope() -> None:
     assert point.count == len(VALUES)
     assert (point.min, point.max) == (0.05, 2.0)
     provider.shutdown()
+
+
+def test_requests_recorded_before_shutdown_reach_the_last_export() -> None:
+    exporter = Captured()
+    resource = Resource.create()
+    bridge = MetricBridge(resource, InstrumentationScope("sluice"))
+    reader = BridgedPeriodicReader(bridge, exporter, export_interval_millis=3_600_000)
+    provider = MeterProvider(metric_readers=[reader], resource=resource)
+    provider.get_meter("sluice").create_observable_counter("requests", callbacks=[some_sdk_metric])
+    edge = EdgeTelemetry()
+    edge.bind(provider.get_meter("sluice"), None, bridge)
+    key = ("POST", "http", "/v2/models/{name}/infer", 200, None)
+    for _ in range(3):
+        edge.record(key, 0.002)
+    edge.unbind()  # the lifespan unbinds before the providers shut down
+    edge.record(key, 0.002)  # a straggler after unbind is not recorded
+    provider.shutdown()  # the final push
+    metrics = {
+        m.name: m
+        for rm in exporter.exports[-1].resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+    }
+    (point,) = metrics["http.server.request.duration"].data.data_points
+    assert point.count == 3
+    assert point.attributes["http.response.status_code"] == 200
 
 
 def test_delta_temporality_keeps_the_sdk_histogram() -> None:

@@ -121,11 +121,11 @@ class MonitoringWorker:
         buffer = self._buffers.get((version.name, version.version))
         if buffer is None or buffer.version is not version:
             buffer = self._buffer(version)
+        if not buffer.ids:  # the first since the worker last took this buffer
+            self._ready.set()
         buffer.add(request.inputs, result.outputs, result.id)
         self._waiting += 1
-        if self._waiting == 1:  # the first since the worker last took the buffers
-            self._ready.set()
-        elif self._waiting == self._half:  # do not wait out the pace into dropping
+        if self._waiting == self._half:  # do not wait out the pace into dropping
             self._hurry.set()
 
     def _buffer(self, version: ModelVersion) -> VersionBuffer:
