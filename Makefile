@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 MODELS_STAMP := models/.built
 
-.PHONY: serve test check models bench clean
+.PHONY: serve test check models bench bench-serving bench-telemetry bench-batch clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,9 +31,18 @@ check: $(STAMP)
 	$(BIN)/ruff check server loadtest tests models
 	$(BIN)/mypy
 
-# Serving benchmark (about 15 minutes; installs MLServer into .bench/ on first use).
-bench: $(MODELS_STAMP)
+# Every benchmark, each writing its README table (about 25 minutes in all).
+bench: bench-serving bench-telemetry bench-batch
+
+# Serving (about 15 minutes; installs MLServer into .bench/ on first use).
+bench-serving: $(MODELS_STAMP)
 	$(BIN)/python -m loadtest.benchmarks.serving --write-readme
+
+bench-telemetry: $(MODELS_STAMP)
+	$(BIN)/python -m loadtest.benchmarks.telemetry_bench --write-readme
+
+bench-batch: $(MODELS_STAMP)
+	$(BIN)/python -m loadtest.benchmarks.batch_bench --write-readme
 
 clean:
 	rm -rf $(VENV) models/*/[0-9]*/ $(MODELS_STAMP)
