@@ -99,6 +99,13 @@ class FeedbackSettings(_Section):
     mae_margin: float = Field(default=0.25, ge=0, description="relative rise over the card")
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (taskset, cpusets), else the count."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 class Settings(BaseModel):
     """Everything ``sluice serve`` and ``sluice batch`` can be told."""
 
@@ -109,10 +116,10 @@ class Settings(BaseModel):
     port: int = Field(default=8080, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     inference_threads: int = Field(
-        default_factory=lambda: os.cpu_count() or 1,
+        default_factory=usable_cpus,
         ge=1,
         le=512,
-        description="size of the thread pool that runs models",
+        description="threads that run models (default: the CPUs this process may use)",
     )
     batching: bool = Field(default=True, description="global switch for dynamic batching")
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
