@@ -18,6 +18,7 @@ from server.core.monitoring.worker import MonitoringWorker
 from server.core.registry import ModelVersion
 from server.core.service import InferenceService
 from server.errors import InvalidInput, ModelNotFound, ModelNotReady, Unsupported
+from server.http.routes import path_version
 from server.telemetry import Telemetry
 
 
@@ -27,15 +28,6 @@ def _json(doc: object, status: int = 200) -> Response:
         status_code=status,
         media_type="application/json",
     )
-
-
-def _version(request: Request) -> int | None:
-    raw = request.path_params.get("version")
-    if raw is None or raw == "":
-        return None
-    if not raw.isdigit():
-        raise InvalidInput(f"version must be a positive integer, got '{raw}'")
-    return int(raw)
 
 
 class MonitoringApi:
@@ -55,7 +47,7 @@ class MonitoringApi:
     def _resolve(self, request: Request) -> ModelVersion:
         if self.service is None:
             raise ModelNotReady("server is starting; models are not loaded yet")
-        return self.service.registry.resolve(request.path_params["name"], _version(request))
+        return self.service.registry.resolve(request.path_params["name"], path_version(request))
 
     async def metrics(self, request: Request) -> Response:
         registry = self.telemetry.prometheus if self.telemetry else None
@@ -75,7 +67,7 @@ class MonitoringApi:
         if self.service is None:
             raise ModelNotReady("server is starting; models are not loaded yet")
         name = request.path_params["name"]
-        version = _version(request)
+        version = path_version(request)
         entry = self.service.registry.models.get(name)
         if entry is None:
             raise ModelNotFound(f"Request for unknown model: '{name}' is not found")

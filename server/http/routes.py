@@ -28,7 +28,8 @@ def _json(doc: object, status: int = 200) -> Response:
     return Response(orjson.dumps(doc), status_code=status, media_type=_JSON)
 
 
-def _version(request: Request) -> int | None:
+def path_version(request: Request) -> int | None:
+    """The ``{version}`` path parameter as a number; None when the route has none."""
     raw = request.path_params.get("version")
     if raw is None or raw == "":
         return None
@@ -94,13 +95,13 @@ class V2Api:
 
     async def model_metadata(self, request: Request) -> Response:
         entry = self._entry(request.path_params["name"])
-        version = _version(request)
+        version = path_version(request)
         mv = self._chosen(entry, version)
         return _json(presenters.model_metadata(entry, mv, versioned=version is not None))
 
     async def model_ready(self, request: Request) -> Response:
         entry = self._entry(request.path_params["name"])
-        mv = self._chosen(entry, _version(request))
+        mv = self._chosen(entry, path_version(request))
         ready = mv is not None and mv.state is VersionState.READY
         body = {"name": entry.name, "ready": ready}
         if not ready:
@@ -109,12 +110,12 @@ class V2Api:
 
     async def model_config(self, request: Request) -> Response:
         entry = self._entry(request.path_params["name"])
-        return _json(presenters.model_config(entry, self._chosen(entry, _version(request))))
+        return _json(presenters.model_config(entry, self._chosen(entry, path_version(request))))
 
     async def model_stats(self, request: Request) -> Response:
         registry = self._service.registry
         name = request.path_params.get("name")
-        version = _version(request)
+        version = path_version(request)
         entries = [self._entry(name)] if name else list(registry.models.values())
         stats = []
         for entry in entries:
@@ -130,7 +131,7 @@ class V2Api:
     async def infer(self, request: Request) -> Response:
         service = self._service
         name = request.path_params["name"]
-        version = _version(request)
+        version = path_version(request)
         service.registry.resolve(name, version)  # unknown model -> 404 before parsing the body
         body = await self._body(request)
         if isinstance(body, Response):
