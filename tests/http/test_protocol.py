@@ -120,6 +120,12 @@ def test_infer_echoes_id_and_ignores_unknown_parameters(client: TestClient) -> N
     assert response.json()["model_version"] == "1"
 
 
+def test_requests_without_an_id_get_distinct_ids(client: TestClient) -> None:
+    ids = [client.post("/v2/models/tree/infer", json=infer_body()).json()["id"] for _ in range(3)]
+    assert all(isinstance(i, str) and i for i in ids)
+    assert len(set(ids)) == 3, "feedback must be able to name each request"
+
+
 def test_infer_output_filtering(client: TestClient) -> None:
     body = infer_body(outputs=[{"name": "label"}])
     doc = client.post("/v2/models/linear/infer", json=body).json()
