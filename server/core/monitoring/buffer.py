@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -39,8 +40,15 @@ class Block:
         """Every request's ``name`` output, joined (once per block); only when not partial."""
         joined = self._joined.get(name)
         if joined is None:
-            joined = self._joined[name] = join(present(self.outputs[name]))
+            # Not partial: no None in the list.
+            joined = self._joined[name] = join(cast(list[np.ndarray], self.outputs[name]))
         return joined
+
+    def sizes(self, name: str) -> list[int]:
+        """Rows of each request that has output ``name``."""
+        column = self.outputs[name]
+        arrays = present(column) if self.partial else cast(list[np.ndarray], column)
+        return list(map(len, arrays))
 
     def joined_inputs(self, names: Iterable[str]) -> dict[str, np.ndarray]:
         return {name: join(self.inputs[name]) for name in names if name in self.inputs}

@@ -100,6 +100,12 @@ class Extractor:
             positions.append(position)
             indices.append(0 if column.index is None else column.index)
         self._groups = {t: (np.array(p), np.array(i)) for t, (p, i) in groups.items()}
+        # A tensor whose columns are all used, in order, at consecutive positions
+        # (a feature matrix) is copied as a block instead of gathered.
+        self._whole = {
+            t: bool(np.array_equal(i, np.arange(len(i))) and np.array_equal(p, p[0] + i))
+            for t, (p, i) in self._groups.items()
+        }
 
     @property
     def tensors(self) -> frozenset[str]:
@@ -108,13 +114,21 @@ class Extractor:
 
     def matrix(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray | None:
         """None when a tensor is absent (an output the client did not ask for)."""
+        columns = self.by_column(tensors)
+        return None if columns is None else columns.T
+
+    def by_column(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray | None:
+        """The transposed matrix (``columns x rows``, C order), built in one pass."""
         if not self.columns or any(name not in tensors for name in self._groups):
             return None
         rows = len(tensors[next(iter(self._groups))])
-        out = np.empty((rows, len(self.columns)), dtype=np.float64)
+        out = np.empty((len(self.columns), rows), dtype=np.float64)
         for name, (positions, indices) in self._groups.items():
-            array = tensors[name]
-            out[:, positions] = array.reshape(rows, -1)[:, indices]
+            array = tensors[name].reshape(rows, -1).T
+            if self._whole[name] and len(array) == len(indices):
+                out[positions[0] : positions[-1] + 1] = array
+            else:
+                out[positions] = array[indices]
         return out
 
 
@@ -183,12 +197,12 @@ class DriftMonitor:
         self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], now: float
     ) -> None:
         """Count a block of rows; outputs missing a profiled tensor count for features only."""
-        features = self._inputs.matrix(inputs)
+        features = self._inputs.by_column(inputs)
         if features is not None:
-            self.features.update(features, now)
-        predictions = self._outputs.matrix(outputs)
+            self.features.update_columns(features, now)
+        predictions = self._outputs.by_column(outputs)
         if predictions is not None:
-            self.predictions.update(predictions, now)
+            self.predictions.update_columns(predictions, now)
 
     def report(self, now: float) -> dict[str, Any]:
         """The JSON drift report: window, data drift (with data quality), prediction drift."""

@@ -68,13 +68,17 @@ class ProfileWindow:
 
     def update(self, matrix: np.ndarray, now: float) -> None:
         """Add rows (``rows x columns``, float64, NaN = missing); splits at window edges."""
-        start = 0
-        while start < len(matrix):
+        self.update_columns(np.ascontiguousarray(matrix.T), now)
+
+    def update_columns(self, columns: np.ndarray, now: float) -> None:
+        """Add rows given column by column (``columns x rows``, float64, C order)."""
+        start, rows = 0, columns.shape[1]
+        while start < rows:
             self._rotate(now)
             room = int(self.spec.rows - self._rows[self._current])
-            part = matrix[start : start + room]
+            part = columns[:, start : start + room]
             self._count(part)
-            start += len(part)
+            start += part.shape[1]
 
     def _rotate(self, now: float) -> None:
         slot = self._current
@@ -91,12 +95,12 @@ class ProfileWindow:
         self._rows[slot] = 0
         self._started[slot] = now
 
-    def _count(self, part: np.ndarray) -> None:
-        # Column by column (a transposed copy): numpy is quick along long rows and
-        # slow along a short trailing axis. Every value gets its global bin (column
-        # offset + bin in the column), and one bincount counts them all.
+    def _count(self, columns: np.ndarray) -> None:
+        # Column by column: numpy is quick along long rows and slow along a short
+        # trailing axis. Every value gets its global bin (column offset + bin in the
+        # column), and one bincount counts them all.
         slot = self._current
-        columns = np.ascontiguousarray(part.T)
+        rows = columns.shape[1]
         finite = np.isfinite(columns)
         all_finite = bool(finite.all())
         extras = self._extras[slot]
@@ -110,10 +114,14 @@ class ProfileWindow:
         bins = np.empty(columns.shape, dtype=np.int64)
         if len(self._numeric):
             values = columns[self._numeric]
-            numeric = np.repeat(self._numeric_offsets[:, None], values.shape[1], axis=1)
-            for edge in self._edges.T:  # bin = edges <= x; the +inf padding never counts
-                numeric += values >= edge[:, None]
-            bins[self._numeric] = numeric
+            # bin = edges <= x, edge by edge into a small accumulator (the +inf
+            # padding never counts); few edges, so int16 and one reused mask.
+            below = np.zeros(values.shape, dtype=np.int16)
+            mask = np.empty(values.shape, dtype=np.bool_)
+            for edge in self._edges.T:
+                np.greater_equal(values, edge[:, None], out=mask)
+                below += mask
+            bins[self._numeric] = below + self._numeric_offsets[:, None]
             outside = (values < self._low[:, None]) | (values > self._high[:, None])
             if not all_finite:
                 outside &= finite[self._numeric]
@@ -128,8 +136,8 @@ class ProfileWindow:
             extras[column, OUT_OF_RANGE] += int(unknown.sum())
         counted = bins.ravel() if all_finite else bins[finite]
         self._counts[slot] += np.bincount(counted, minlength=self._counts.shape[1])
-        self._rows[slot] += len(part)
-        self.rows_seen += len(part)
+        self._rows[slot] += rows
+        self.rows_seen += rows
 
     def totals(self, now: float) -> Totals:
         live = (self._rows > 0) & (self._started > now - self.spec.count * self.spec.seconds)

@@ -25,7 +25,7 @@ from typing import Any
 from opentelemetry.metrics import Observation
 
 from server.config import DriftSettings, FeedbackSettings
-from server.core.monitoring.buffer import Block, VersionBuffer, present
+from server.core.monitoring.buffer import Block, VersionBuffer
 from server.core.monitoring.drift import Column, DriftMonitor, Extractor, Status, worst
 from server.core.monitoring.feedback import (
     FeedbackOutcome,
@@ -93,6 +93,7 @@ class MonitoringWorker:
         self._half = max(2, drift.queue_size // 2)
         self._buffers: dict[VersionKey, VersionBuffer] = {}
         self._retired: list[VersionBuffer] = []  # of versions reloaded since, not yet taken
+        self._last: VersionBuffer | None = None
         self._waiting = 0
         self._ready = asyncio.Event()  # something to do: observations, a flush, a publish
         self._flushes: list[asyncio.Future[None]] = []
@@ -118,9 +119,12 @@ class MonitoringWorker:
         if self._waiting >= self._capacity:
             self.dropped += 1
             return
-        buffer = self._buffers.get((version.name, version.version))
-        if buffer is None or buffer.version is not version:
-            buffer = self._buffer(version)
+        buffer = self._last
+        if buffer is None or buffer.version is not version:  # another version than last time
+            buffer = self._buffers.get((version.name, version.version))
+            if buffer is None or buffer.version is not version:
+                buffer = self._buffer(version)
+            self._last = buffer
         if not buffer.ids:  # the first since the worker last took this buffer
             self._ready.set()
         buffer.add(request.inputs, result.outputs, result.id)
@@ -264,13 +268,11 @@ class MonitoringWorker:
             tensor = state.score.columns[0].tensor
             if tensor not in block.outputs:
                 return
-            column = block.outputs[tensor]
             keep, joined = block.complete((tensor,))
             scores = state.score.matrix(joined) if joined else None
             if scores is not None:
                 ids = block.ids if keep is None else [block.ids[i] for i in keep]
-                rows = [len(a) for a in present(column)]
-                self._store.put(state.key, ids, rows, scores[:, 0], now)
+                self._store.put(state.key, ids, block.sizes(tensor), scores[:, 0], now)
 
     # -- results ---------------------------------------------------------------------
 
