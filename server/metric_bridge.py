@@ -1,37 +1,25 @@
-"""Histograms aggregated outside the OpenTelemetry SDK and handed to its readers at collection.
+"""Local histograms (``server.core.monitoring.histogram``) handed to the SDK's readers.
 
-An SDK ``Histogram.record`` costs 6-12 us: it builds a ``Measurement``, cleans
-and hashes the attributes and takes a lock, every call. For a per-request
-histogram that is a tenth of what a 1-row request costs in total. A
-``LocalHistogram`` does the same aggregation (explicit buckets, sum, count,
-min, max, per attribute set) in a few operations on lists: the caller looks its
-series up once per attribute set and then ``observe`` is a bisect and four
-updates under an uncontended lock.
+The readers built at start-up (``BridgedPrometheusReader``,
+``BridgedPeriodicReader``) add the bridge's histograms to what the SDK
+collected, as cumulative ``Histogram`` points in the bridge's instrumentation
+scope, so Prometheus and OTLP see standard OpenTelemetry histograms: the same
+name, unit, description, attributes and buckets as an SDK instrument. A
+collection sees every observation made before it, with no flush delay: the
+series are the state.
 
-The SDK still does the exporting. The readers built at start-up
-(``BridgedPrometheusReader``, ``BridgedPeriodicReader``) add the bridge's
-histograms to what the SDK collected, as cumulative ``Histogram`` points in the
-bridge's instrumentation scope, so Prometheus and OTLP see a standard
-OpenTelemetry histogram: same name, unit, description, attributes and buckets
-as an SDK instrument. A collection sees every observation made before it, with
-no flush delay: the series are the state.
-
-What the bridge does not do, and the caller then keeps the SDK instrument for:
-exemplars (only with tracing on) and delta temporality (OTLP with
-``OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE`` delta or lowmemory; a
-delta point's min and max cannot be derived from cumulative state). The
+What the bridge does not do, and callers keep the SDK instrument for:
+exemplars (the HTTP histogram with tracing on) and delta temporality (OTLP
+with ``OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE`` delta or lowmemory:
+a delta point's min and max cannot be derived from cumulative state). The
 bridge's points ride along with the SDK's own collection, which is never empty
 while a model is loaded (the per-version counters report even zeros).
 """
 
 from __future__ import annotations
 
-import math
-import threading
 import time
-from bisect import bisect_left
-from collections.abc import Mapping, Sequence
-from itertools import pairwise
+from collections.abc import Sequence
 from typing import Any
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -47,88 +35,31 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.util.types import AttributeValue
+
+from server.core.monitoring.histogram import LocalHistogram
 
 
-class HistogramSeries:
-    """One attribute set's buckets, sum, min and max; written from one thread only."""
-
-    __slots__ = ("_boundaries", "_lock", "attributes", "counts", "max", "min", "start_ns", "sum")
-
-    def __init__(
-        self,
-        attributes: Mapping[str, AttributeValue],
-        boundaries: tuple[float, ...],
-        lock: threading.Lock,
-    ) -> None:
-        self.attributes = dict(attributes)
-        self.counts = [0] * (len(boundaries) + 1)
-        self.sum = 0.0
-        self.min = math.inf
-        self.max = -math.inf
-        self.start_ns = time.time_ns()
-        self._boundaries = boundaries
-        self._lock = lock
-
-    def observe(self, value: float) -> None:
-        """Count ``value`` (a bucket holds values up to and including its bound, as the SDK)."""
-        with self._lock:  # a collection on another thread reads all fields at once
-            self.counts[bisect_left(self._boundaries, value)] += 1
-            self.sum += value
-            if value < self.min:
-                self.min = value
-            if value > self.max:
-                self.max = value
-
-
-class LocalHistogram:
-    """An explicit-bucket histogram instrument whose series live here, not in the SDK."""
-
-    def __init__(self, name: str, unit: str, description: str, boundaries: Sequence[float]) -> None:
-        if any(b >= c for b, c in pairwise(boundaries)):
-            raise ValueError(f"{name}: bucket boundaries must increase")
-        self.name = name
-        self.unit = unit
-        self.description = description
-        self.boundaries = tuple(float(b) for b in boundaries)
-        self._lock = threading.Lock()
-        self._series: list[HistogramSeries] = []
-
-    def series(self, attributes: Mapping[str, AttributeValue]) -> HistogramSeries:
-        """A new series for ``attributes``; the caller keeps it (one per attribute set)."""
-        series = HistogramSeries(attributes, self.boundaries, self._lock)
-        with self._lock:
-            self._series.append(series)
-        return series
-
-    def collect(self, now_ns: int) -> Metric | None:
-        """Cumulative points of every series observed at least once."""
-        with self._lock:
-            snapshot = [
-                (s.attributes, s.start_ns, tuple(s.counts), s.sum, s.min, s.max)
-                for s in self._series
-            ]
-        points = [
-            HistogramDataPoint(
-                attributes=attributes,
-                start_time_unix_nano=start_ns,
-                time_unix_nano=now_ns,
-                count=sum(counts),
-                sum=total,
-                bucket_counts=counts,
-                explicit_bounds=self.boundaries,
-                min=low,
-                max=high,
-            )
-            for attributes, start_ns, counts, total, low, high in snapshot
-            if any(counts)
-        ]
-        if not points:
-            return None
-        data = Histogram(
-            data_points=points, aggregation_temporality=AggregationTemporality.CUMULATIVE
+def _metric(histogram: LocalHistogram, now_ns: int) -> Metric | None:
+    points = [
+        HistogramDataPoint(
+            attributes=s.attributes,
+            start_time_unix_nano=s.start_ns,
+            time_unix_nano=now_ns,
+            count=sum(s.counts),
+            sum=s.sum,
+            bucket_counts=s.counts,
+            explicit_bounds=histogram.boundaries,
+            min=s.min,
+            max=s.max,
         )
-        return Metric(name=self.name, description=self.description, unit=self.unit, data=data)
+        for s in histogram.snapshot()
+    ]
+    if not points:
+        return None
+    data = Histogram(data_points=points, aggregation_temporality=AggregationTemporality.CUMULATIVE)
+    return Metric(
+        name=histogram.name, description=histogram.description, unit=histogram.unit, data=data
+    )
 
 
 class MetricBridge:
@@ -149,7 +80,7 @@ class MetricBridge:
     def merge(self, data: MetricsData) -> MetricsData:
         """``data`` with the bridge's metrics added to its scope (created when absent)."""
         now = time.time_ns()
-        metrics = [m for h in list(self._histograms) if (m := h.collect(now)) is not None]
+        metrics = [m for h in list(self._histograms) if (m := _metric(h, now)) is not None]
         if not metrics:
             return data
         resources = list(data.resource_metrics) or [

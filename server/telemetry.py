@@ -110,12 +110,13 @@ def build_telemetry(settings: Settings, environ: Mapping[str, str]) -> Telemetry
         metric_readers=readers, resource=resource, shutdown_on_exit=False
     )
     tracer_provider = tracer(config, environ, resource) if config.tracing else None
+    usable = None if delta_histograms(config, environ) else bridge
     return Telemetry(
-        monitoring=Monitoring(settings, meter_provider, tracer_provider),
+        monitoring=Monitoring(settings, meter_provider, tracer_provider, usable),
         prometheus=registry,
         meter_provider=meter_provider,
         tracer_provider=tracer_provider,
-        bridge=None if delta_histograms(config, environ) else bridge,
+        bridge=usable,
     )
 
 

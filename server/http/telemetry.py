@@ -4,7 +4,7 @@ Follows the stable HTTP semantic conventions: seconds, the route template (never
 the raw path), method (``_OTHER`` for unknown ones), status code, ``url.scheme``
 and ``error.type`` on failures. Each distinct combination gets its attributes
 and its histogram series once; after that a request costs two clock reads, a
-dict lookup and a bisect (``server.metric_bridge``), not an SDK record. With
+dict lookup and a bisect (``server.core.monitoring.histogram``), not an SDK record. With
 tracing on (exemplars) or delta export the SDK histogram records instead.
 """
 
@@ -25,7 +25,8 @@ from opentelemetry.trace import Span, SpanKind, Tracer
 from opentelemetry.trace.status import Status, StatusCode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.metric_bridge import HistogramSeries, LocalHistogram, MetricBridge
+from server.core.monitoring.histogram import HistogramSeries, LocalHistogram
+from server.metric_bridge import MetricBridge
 
 # Seconds, suited to millisecond latencies: 0.5 ms up to 10 s.
 HTTP_BUCKETS = (

@@ -72,9 +72,19 @@ def test_a_bridged_histogram_scrapes_exactly_as_the_sdk_histogram() -> None:
         sdk.record(value, attributes)
         series.observe(value)
 
+    sizes = meter.create_histogram(
+        "sdk.size", unit="{row}", explicit_bucket_boundaries_advisory=(1, 2, 4)
+    )
+    local_sizes = bridge.create_histogram("local.size", "{row}", "", (1, 2, 4)).series({"m": "x"})
+    for rows in (1, 3, 3, 8):
+        sizes.record(rows, {"m": "x"})
+        local_sizes.observe(rows)
+
     first = scrape(registry)
     got = family(first, "local_duration_seconds")
     assert got == family(first, "sdk_duration_seconds")
+    assert family(first, "local_size") == family(first, "sdk_size")  # integer bounds: le="4"
+    assert ("_bucket", (("le", "4"), ("m", "x"))) in family(first, "local_size")
     labels = (("http_response_status_code", "200"), ("http_route", "/a"))
     assert got[("_bucket", (*labels, ("le", "0.1")))] == 3  # 0.05 and twice 0.1
     assert got[("_count", labels)] == len(VALUES)

@@ -1,7 +1,8 @@
 """``Monitoring``: the one object the composition root hands the core for telemetry.
 
 It is built from API providers (``opentelemetry.metrics.MeterProvider``,
-``opentelemetry.trace.TracerProvider``); which SDK and exporters stand behind
+``opentelemetry.trace.TracerProvider``) and, optionally, where local
+histograms go (``HistogramFactory``); which SDK and exporters stand behind
 them is decided at start-up by the edge. Any part can be off: without a meter
 provider the drift report and feedback still work, without a tracer no span is
 opened, and with everything off the edge passes no ``Monitoring`` at all.
@@ -14,6 +15,7 @@ from opentelemetry.trace import Tracer, TracerProvider
 
 from server import __version__
 from server.config import Settings
+from server.core.monitoring.histogram import HistogramFactory
 from server.core.monitoring.metrics import Attributes, ServingMetrics, register_monitoring
 from server.core.monitoring.worker import MonitoringWorker
 from server.core.registry import ExecutionObserver, ModelRegistry
@@ -30,10 +32,11 @@ class Monitoring:
         settings: Settings,
         meter_provider: MeterProvider | None = None,
         tracer_provider: TracerProvider | None = None,
+        histograms: HistogramFactory | None = None,
     ) -> None:
         meter = meter_provider.get_meter(SCOPE, __version__) if meter_provider else None
         self.meter: Meter | None = meter
-        self.metrics = ServingMetrics(meter) if meter is not None else None
+        self.metrics = ServingMetrics(meter, histograms) if meter is not None else None
         self.worker: MonitoringWorker | None = None
         if settings.drift.enabled or settings.feedback.enabled:
             attributes = self.metrics.attributes if self.metrics else _attributes

@@ -6,7 +6,8 @@ is recorded per request: what ``VersionStats`` already keeps on the hot path
 (successes, failures by reason, rows, executions, queue/compute/request time,
 cache lookups) is exported by observable instruments read at collection time,
 and only per-execution histograms (compute time, batch size) are recorded as
-batches run. Per-request latency is the HTTP edge's ``http.server.request.duration``.
+batches run, into local histograms (``histogram.py``) when the edge provides
+them, else into the SDK. Per-request latency is the HTTP edge's ``http.server.request.duration``.
 Names follow the OpenTelemetry style and map to Prometheus as
 ``ml_inference_request_success_total`` and so on, close to Triton's
 ``nv_inference_request_success``; the ``*.time`` counters are Triton's
@@ -15,13 +16,14 @@ cumulative ``*_duration_us`` in seconds.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
-from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
 
 from server.core.batcher import BatchRecord
 from server.core.monitoring.drift import STATUS_CODES, Status
+from server.core.monitoring.histogram import HistogramFactory, HistogramSeries, LocalHistogram
 from server.core.registry import ModelRegistry, ModelVersion
 
 # Seconds, from 100 us (an in-process XGBoost call) up to 10 s.
@@ -37,21 +39,28 @@ Attributes = dict[str, str]
 class ServingMetrics:
     """Per model version: requests, failures by reason, rows, latency, batches, queue, cache."""
 
-    def __init__(self, meter: Meter) -> None:
+    def __init__(self, meter: Meter, histograms: HistogramFactory | None = None) -> None:
         self._registry: ModelRegistry | None = None
         self._attributes: dict[tuple[str, int], Attributes] = {}
-        self._compute = meter.create_histogram(
-            "ml.inference.compute.duration",
-            unit="s",
-            description="Model execution time of one batch",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )
-        self._batch = meter.create_histogram(
-            "ml.inference.batch.size",
-            unit="{row}",
-            description="Rows per model execution",
-            explicit_bucket_boundaries_advisory=BATCH_BUCKETS,
-        )
+        compute = ("ml.inference.compute.duration", "s", "Model execution time of one batch")
+        batch = ("ml.inference.batch.size", "{row}", "Rows per model execution")
+        self._series: dict[tuple[str, int], tuple[HistogramSeries, HistogramSeries]] = {}
+        self._local: tuple[LocalHistogram, LocalHistogram] | None = None
+        self._sdk: tuple[Histogram, Histogram] | None = None
+        if histograms is not None:
+            self._local = (
+                histograms.create_histogram(*compute, DURATION_BUCKETS),
+                histograms.create_histogram(*batch, BATCH_BUCKETS),
+            )
+        else:
+
+            def sdk(spec: tuple[str, str, str], buckets: Sequence[float]) -> Histogram:
+                name, unit, text = spec
+                return meter.create_histogram(
+                    name, unit=unit, description=text, explicit_bucket_boundaries_advisory=buckets
+                )
+
+            self._sdk = (sdk(compute, DURATION_BUCKETS), sdk(batch, BATCH_BUCKETS))
         counters: list[tuple[str, str, str, Callable[[CallbackOptions], Iterable[Observation]]]] = [
             ("ml.inference.request.success", "{request}", "Requests answered", self._successes),
             (
@@ -112,10 +121,22 @@ class ServingMetrics:
     # -- recorded as batches run ----------------------------------------------------
 
     def executed(self, version: ModelVersion, record: BatchRecord) -> None:
-        attributes = self.attributes(version.name, version.version)
-        if record.ok:
-            self._compute.record(record.compute_ns / 1e9, attributes)
-            self._batch.record(record.rows, attributes)
+        if not record.ok:
+            return
+        key = (version.name, version.version)
+        if self._sdk is not None:
+            attributes = self.attributes(*key)
+            self._sdk[0].record(record.compute_ns / 1e9, attributes)
+            self._sdk[1].record(record.rows, attributes)
+            return
+        series = self._series.get(key)
+        if series is None:
+            assert self._local is not None
+            attributes = self.attributes(*key)
+            compute, batch = self._local
+            series = self._series[key] = (compute.series(attributes), batch.series(attributes))
+        series[0].observe(record.compute_ns / 1e9)
+        series[1].observe(record.rows)
 
     # -- read at collection time --------------------------------------------------
 
