@@ -130,12 +130,27 @@ def test_store_evicts_whole_blocks_counting_only_what_was_still_waiting() -> Non
     assert store.evicted == 2
     assert store.take("a", now=1.0) is None
     assert [store.take(i, now=1.0) is not None for i in "def"] == [True] * 3
-    store.put(("m", 1), ["g", "h"], [1, 1], np.ones(2), now=2.0)
-    store.put(("m", 1), ["g", "i", "j"], [1, 1, 1], np.ones(3), now=3.0)  # g again: newest wins
+    store.put(("m", 1), ["g", "h"], [1, 1], np.zeros(2), now=2.0)
+    store.put(("m", 1), ["g", "i", "j"], [1, 1, 1], np.full(3, 2.0), now=3.0)  # g again
     store.put(("m", 1), ["k"], [1], np.ones(1), now=4.0)
-    assert len(store) == 4  # g, i, j, k: the first g's block went, taking only h
-    assert store.take("g", now=4.0) is not None
-    assert store.evicted == 3
+    assert len(store) == 4  # g, i, j, k: the first g's block went, and h with it
+    assert store.take("h", now=4.0) is None
+    g = store.take("g", now=4.0)
+    assert g is not None
+    assert g.scores.tolist() == [2.0]  # the newest request with that id
+
+
+def test_store_indexes_lazily_yet_newest_reused_id_wins() -> None:
+    store = PredictionStore(max_items=100, retention_s=100.0)
+    store.put(("m", 1), ["x", "y"], [1, 1], np.array([1.0, 2.0]), now=0.0)
+    assert store.take("y", now=0.0) is not None  # indexes the first block
+    store.put(("m", 1), ["x"], [1], np.array([3.0]), now=1.0)
+    store.put(("m", 2), [None, "x"], [2, 1], np.array([4.0, 5.0, 6.0]), now=2.0)
+    x = store.take("x", now=2.0)
+    assert x is not None
+    assert (x.key, x.scores.tolist()) == (("m", 2), [6.0])
+    assert store.take("x", now=2.0) is None  # the older x went with it
+    assert len(store) == 0
 
 
 @pytest.mark.parametrize(

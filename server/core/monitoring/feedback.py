@@ -46,7 +46,9 @@ class _Block:
     scores: np.ndarray
     offsets: np.ndarray  # request i has scores[offsets[i]:offsets[i + 1]]
     ids: tuple[str, ...]  # of the requests that had one
-    live: int  # ids still pointing at this block
+    positions: tuple[int, ...] | None  # their request numbers; None: 0, 1, 2, ...
+    live: int  # ids still answering to this block (once indexed)
+    indexed: bool = False
 
 
 _POSITION_BITS = 32
@@ -55,14 +57,20 @@ _POSITION_BITS = 32
 class PredictionStore:
     """Request id -> (version, scores), oldest first; evicts by count and retention.
 
-    Predictions arrive in blocks (one per version per monitoring cycle); the
-    index maps an id to a block number and the request's position in it,
-    packed into one int. A dict of str -> int is not tracked by the garbage
-    collector, nor is a block's tuple of ids once a collection has seen it, so
-    a full store adds nothing to collection pauses. Eviction drops whole
+    Predictions arrive in blocks (one per version per monitoring cycle). Under
+    load most of them leave the store (by count) before any label arrives, so
+    a block's ids are indexed only when a lookup needs them: a label lookup
+    first indexes every block that came since the last one, oldest first, so
+    a reused id ends at its newest request. Until then a block costs a tuple of
+    ids and its score array; dropping it touches no index.
+
+    The index maps an id to its block number and request number, packed into one
+    int: a dict of str -> int is not tracked by the garbage collector, nor is a
+    block's tuple of ids once a collection has seen it. Eviction drops whole
     blocks, oldest first; a block goes as soon as all its predictions got
-    labels, and the rows held stay under ``ROWS_PER_ITEM x max_items`` whatever
-    the request sizes.
+    labels. At most ``max_items`` predictions are held (an id sent again before
+    it is indexed counts twice until then) and their rows stay under
+    ``ROWS_PER_ITEM x max_items`` whatever the request sizes.
     """
 
     ROWS_PER_ITEM = 8
@@ -73,11 +81,14 @@ class PredictionStore:
         self._index: dict[str, int] = {}
         self._blocks: dict[int, _Block] = {}
         self._order: deque[int] = deque()
+        self._pending: deque[int] = deque()  # blocks not indexed yet, oldest first
+        self._unindexed = 0  # ids in those blocks
         self._numbers = 0
         self._rows = 0
         self.evicted = 0
 
     def __len__(self) -> int:
+        self._catch_up()
         return len(self._index)
 
     def put(
@@ -91,22 +102,41 @@ class PredictionStore:
         """Requests ``ids`` with ``rows`` rows each, in order; ``scores`` has one per row."""
         if len(ids) != len(rows):
             raise ValueError(f"{len(ids)} ids for {len(rows)} row counts")
-        number = self._numbers
-        self._numbers += 1
-        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(rows, out=offsets[1:])
         named = tuple(filter(None, ids))
-        block = _Block(key, now, scores, offsets, named, 0)
-        index, base = self._index, number << _POSITION_BITS
-        if len(named) == len(ids) and index.keys().isdisjoint(named):
-            # The usual block: fresh ids only, indexed at C speed.
-            before = len(index)
-            index.update(zip(named, range(base, base + len(named)), strict=True))
-            block.live = len(index) - before  # less than len(ids) if an id repeats
-        else:
-            for position, request_id in enumerate(ids):
-                if not request_id:
-                    continue
+        if named:
+            positions = None
+            if len(named) != len(ids):
+                positions = tuple(i for i, request_id in enumerate(ids) if request_id)
+            offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+            np.cumsum(rows, out=offsets[1:])
+            number = self._numbers
+            self._numbers += 1
+            self._blocks[number] = _Block(key, now, scores, offsets, named, positions, len(named))
+            self._order.append(number)
+            self._pending.append(number)
+            self._unindexed += len(named)
+            self._rows += len(scores)
+        self.expire(now)
+
+    def _catch_up(self) -> None:
+        """Index every block not indexed yet, oldest first (the newest request of an id wins)."""
+        index = self._index
+        while self._pending:
+            number = self._pending.popleft()
+            block = self._blocks.get(number)
+            if block is None:
+                continue
+            self._unindexed -= len(block.ids)
+            block.indexed = True
+            base = number << _POSITION_BITS
+            positions = block.positions or range(len(block.ids))
+            if index.keys().isdisjoint(block.ids):  # the usual block: fresh ids only
+                before = len(index)
+                index.update(zip(block.ids, [base | p for p in positions], strict=True))
+                block.live = len(index) - before  # less than len(ids) if an id repeats
+                continue
+            block.live = 0
+            for request_id, position in zip(block.ids, positions, strict=True):
                 previous = index.get(request_id)
                 if previous is not None:  # a reused id: the newer request wins
                     if previous >> _POSITION_BITS == number:
@@ -115,19 +145,19 @@ class PredictionStore:
                         self._release(previous >> _POSITION_BITS)
                 index[request_id] = base | position
                 block.live += 1
-        if block.live:
-            self._blocks[number] = block
-            self._order.append(number)
-            self._rows += len(scores)
-        self.expire(now)
+            if block.live == 0:
+                self._drop(number, block)
 
     def _release(self, number: int) -> None:
         block = self._blocks.get(number)
         if block is not None:
             block.live -= 1
             if block.live == 0:
-                del self._blocks[number]
-                self._rows -= len(block.scores)
+                self._drop(number, block)
+
+    def _drop(self, number: int, block: _Block) -> None:
+        del self._blocks[number]
+        self._rows -= len(block.scores)
 
     def expire(self, now: float) -> None:
         horizon = now - self.retention_s
@@ -138,22 +168,24 @@ class PredictionStore:
                 order.popleft()
                 continue
             if (
-                len(self._index) <= self.max_items
+                len(self._index) + self._unindexed <= self.max_items
                 and self._rows <= self.ROWS_PER_ITEM * self.max_items
                 and oldest.at >= horizon
             ):
                 break
             number = order.popleft()
-            del blocks[number]
-            self._rows -= len(oldest.scores)
+            self._drop(number, oldest)
             self.evicted += oldest.live
-            if oldest.live == len(oldest.ids):  # distinct ids, each still pointing here
+            if not oldest.indexed:  # never looked up: nothing points at it
+                self._pending.popleft()  # the oldest pending block is this one
+                self._unindexed -= len(oldest.ids)
+            elif oldest.live == len(oldest.ids):  # distinct ids, each still pointing here
                 deque(map(self._index.__delitem__, oldest.ids), maxlen=0)
-                continue
-            for request_id in oldest.ids:
-                entry = self._index.get(request_id)
-                if entry is not None and entry >> _POSITION_BITS == number:
-                    del self._index[request_id]
+            else:
+                for request_id in oldest.ids:
+                    entry = self._index.get(request_id)
+                    if entry is not None and entry >> _POSITION_BITS == number:
+                        del self._index[request_id]
 
     def take(self, request_id: str, now: float) -> StoredPrediction | None:
         """The prediction, removed: one label per prediction."""
@@ -165,6 +197,7 @@ class PredictionStore:
         return stored
 
     def peek(self, request_id: str) -> StoredPrediction | None:
+        self._catch_up()
         entry = self._index.get(request_id)
         if entry is None:
             return None
