@@ -8,8 +8,8 @@ name, unit, description, attributes and buckets as an SDK instrument. A
 collection sees every observation made before it, with no flush delay: the
 series are the state.
 
-What the bridge does not do, and callers keep the SDK instrument for:
-exemplars (the HTTP histogram with tracing on) and delta temporality (OTLP
+What the bridge does not do, and callers keep the SDK instruments for:
+exemplars (all histograms, when tracing is on) and delta temporality (OTLP
 with ``OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE`` delta or lowmemory:
 a delta point's min and max cannot be derived from cumulative state). The
 bridge's points ride along with the SDK's own collection, which is never empty

@@ -111,8 +111,12 @@ def build_telemetry(settings: Settings, environ: Mapping[str, str]) -> Telemetry
     )
     tracer_provider = tracer(config, environ, resource) if config.tracing else None
     usable = None if delta_histograms(config, environ) else bridge
+    # With tracing, SDK histograms keep their exemplars (a batch run without
+    # batching records inside the request's span).
     return Telemetry(
-        monitoring=Monitoring(settings, meter_provider, tracer_provider, usable),
+        monitoring=Monitoring(
+            settings, meter_provider, tracer_provider, None if config.tracing else usable
+        ),
         prometheus=registry,
         meter_provider=meter_provider,
         tracer_provider=tracer_provider,
