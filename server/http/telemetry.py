@@ -61,12 +61,14 @@ class EdgeTelemetry:
         self._tracer: Tracer | None = None
         self._attributes: dict[_Key, dict[str, Any]] = {}
         self._series: dict[_Key, HistogramSeries] = {}
+        self.active = False  # anything to record
 
     def bind(
         self, meter: Meter | None, tracer: Tracer | None, bridge: MetricBridge | None = None
     ) -> None:
         """Record into ``bridge`` when given and there is no tracer, else into ``meter``."""
         self._tracer = tracer
+        self.active = tracer is not None or meter is not None
         if meter is None:
             return
         name, unit, description = (
@@ -88,10 +90,7 @@ class EdgeTelemetry:
         """Stop recording; what was recorded stays with the bridge for the last export."""
         self._duration = self._local = self._tracer = None
         self._series.clear()
-
-    @property
-    def active(self) -> bool:
-        return self._local is not None or self._duration is not None or self._tracer is not None
+        self.active = False
 
     def attributes(self, key: _Key) -> dict[str, Any]:
         cached = self._attributes.get(key)
@@ -170,7 +169,11 @@ class TelemetryMiddleware:
             if error is None and (status == 0 or status >= 500):
                 error = str(status or 500)
             key = (method, scope.get("scheme", "http"), route, status or 500, error)
-            edge.record(key, elapsed)
+            series = edge._series.get(key)
+            if series is not None:
+                series.observe(elapsed)
+            else:
+                edge.record(key, elapsed)
             if span is not None:
                 _end_span(span, token, method, route, edge.attributes(key), error)
 

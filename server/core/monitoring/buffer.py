@@ -70,7 +70,17 @@ class Block:
 class VersionBuffer:
     """Monitored tensors of one served version, appended per request, taken per block."""
 
-    __slots__ = ("_inputs", "_outputs", "ids", "inputs", "outputs", "partial", "version")
+    __slots__ = (
+        "_input_lists",
+        "_inputs",
+        "_output_lists",
+        "_outputs",
+        "ids",
+        "inputs",
+        "outputs",
+        "partial",
+        "version",
+    )
 
     def __init__(self, version: ModelVersion) -> None:
         self.version = version
@@ -85,6 +95,12 @@ class VersionBuffer:
     def _lists(self) -> None:
         self.inputs: dict[str, list[np.ndarray]] = {name: [] for name in self._inputs}
         self.outputs: dict[str, list[np.ndarray | None]] = {name: [] for name in self._outputs}
+        self._pairs()
+
+    def _pairs(self) -> None:
+        # Tuples, not dict.items(): add() walks them for every request.
+        self._input_lists = tuple(self.inputs.items())
+        self._output_lists = tuple(self.outputs.items())
 
     def narrow(self, inputs: Iterable[str], outputs: Iterable[str]) -> None:
         """Keep only the tensors the monitors read (called between blocks)."""
@@ -93,6 +109,7 @@ class VersionBuffer:
         self._outputs = [n for n in self._outputs if n in wanted_out]
         self.inputs = {n: self.inputs[n] for n in self._inputs}
         self.outputs = {n: self.outputs[n] for n in self._outputs}
+        self._pairs()
 
     def add(
         self,
@@ -100,9 +117,9 @@ class VersionBuffer:
         outputs: Mapping[str, np.ndarray],
         request_id: str | None,
     ) -> None:
-        for name, arrays in self.inputs.items():
+        for name, arrays in self._input_lists:
             arrays.append(inputs[name])
-        for name, maybe in self.outputs.items():
+        for name, maybe in self._output_lists:
             array = outputs.get(name)
             if array is None:
                 self.partial = True

@@ -46,13 +46,17 @@ class HistogramSeries:
 
     def observe(self, value: float) -> None:
         """Count ``value`` (a bucket holds values up to and including its bound, as the SDK)."""
-        with self._lock:  # a collection on another thread reads all fields at once
+        lock = self._lock  # a collection on another thread reads all fields at once
+        lock.acquire()  # (a with block costs a third more)
+        try:
             self.counts[bisect_left(self._boundaries, value)] += 1
             self.sum += value
             if value < self.min:
                 self.min = value
             if value > self.max:
                 self.max = value
+        finally:
+            lock.release()
 
 
 @dataclass(frozen=True, slots=True)
