@@ -6,8 +6,9 @@ nothing the garbage collector tracks per request), or drops and counts the
 request when ``queue_size`` requests are already waiting. The worker wakes
 every ``PACE_S`` while there is traffic (sooner when half of ``queue_size`` is
 waiting), takes each buffer whole and does the numpy work per version per
-block: a fixed ~0.2 ms plus well under a microsecond per row. Its failures are
-logged, never raised into a request. ``flush`` waits until everything observed
+block: for the 30-feature fraud model under a millisecond per block plus about
+half a microsecond per row. Its failures are logged, never raised into a
+request. ``flush`` waits until everything observed
 before it is counted, so a report or a feedback call sees the requests its
 caller already got answers to.
 """
@@ -44,7 +45,9 @@ from server.errors import Overloaded
 
 log = logging.getLogger("sluice.monitoring")
 
-PACE_S = 0.25  # let observations accumulate so numpy works on blocks, not single rows
+# Let observations accumulate so numpy works on blocks, not single rows. Under load
+# 0.05 s cost ~5 us more per request (the per-block part) and 1 s saved nothing.
+PACE_S = 0.25
 FLUSH_TIMEOUT_S = 10.0
 
 
