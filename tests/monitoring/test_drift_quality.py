@@ -153,6 +153,21 @@ def test_store_indexes_lazily_yet_newest_reused_id_wins() -> None:
     assert len(store) == 0
 
 
+def test_store_joins_any_id_even_one_with_a_nul_character() -> None:
+    store = PredictionStore(max_items=10, retention_s=100.0)
+    odd = ["a\x00b", "c", "", "d\x00"]
+    store.put(("m", 1), odd, [1, 1, 1, 1], np.arange(4.0), now=0.0)
+    store.put(("m", 1), ["plain", "ids"], [1, 1], np.arange(4.0, 6.0), now=0.0)
+    got = {i: store.take(i, now=0.0) for i in ["a\x00b", "c", "d\x00", "plain", "ids", "a"]}
+    assert {i: p.scores.tolist() for i, p in got.items() if p is not None} == {
+        "a\x00b": [0.0],
+        "c": [1.0],
+        "d\x00": [3.0],
+        "plain": [4.0],
+        "ids": [5.0],
+    }
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
