@@ -43,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from dataclasses import dataclass, field
@@ -235,20 +236,23 @@ def readme_table(report: dict[str, Any], argv: list[str] | None) -> str:
             f"| {label} | {figures['ok_rps']:,.0f} | {figures['cpu_us_per_request']:.0f} µs "
             f"| {figures['p50_ms']:.2f} ms | {figures['p99_ms']:.2f} ms |"
         )
-    lines += [
-        f"| **on / off** | **{report['ratio']:.2f}** | **{report['cpu_ratio']:.2f}** | | |",
-        "",
+    prose = (
         f"Medians of {report['rounds']} alternating rounds of {report['duration_s']:g} s, "
         f"{report['concurrency']} clients, 1-row JSON requests to `{report['model']}`; server "
         'and load generator on different cores. "On" is the default configuration: '
-        "Prometheus metrics (scraped every "
-        f"{report['scrape_s']:g} s), drift, data quality and the feedback store; tracing "
-        "is off by default. Server CPU per request: the server process's user + system "
-        "time over the requests it answered. Median of the per-round ratios: "
-        f"{report['ratio_paired']:.2f} throughput, {report['cpu_ratio_paired']:.2f} CPU; "
-        f"other load on the machine meanwhile: {report['other_load_cores']:.2f} cores.",
+        f"Prometheus metrics (scraped every {report['scrape_s']:g} s), drift, data quality "
+        "and the feedback store; tracing is off by default. Server CPU per request: the "
+        "server process's user + system time over the requests it answered. Median of the "
+        f"per-round ratios: {report['ratio_paired']:.2f} throughput, "
+        f"{report['cpu_ratio_paired']:.2f} CPU; other load on the machine meanwhile: "
+        f"{report['other_load_cores']:.2f} cores."
+    )
+    lines += [
+        f"| **on / off** | **{report['ratio']:.2f}** | **{report['cpu_ratio']:.2f}** | | |",
         "",
-        provenance(argv),
+        textwrap.fill(prose, width=80),
+        "",
+        textwrap.fill(provenance(argv), width=80, break_long_words=False),
     ]
     return "\n".join(lines)
 
