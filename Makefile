@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 MODELS_STAMP := models/.built
 
-.PHONY: serve test check models bench bench-serving bench-telemetry bench-batch clean
+.PHONY: serve test check models bench bench-serving bench-wrk bench-telemetry bench-batch clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,11 +32,15 @@ check: $(STAMP)
 	$(BIN)/mypy
 
 # Every benchmark, each writing its README table (about 25 minutes in all).
-bench: bench-serving bench-telemetry bench-batch
+bench: bench-serving bench-wrk bench-telemetry bench-batch
 
 # Serving (about 15 minutes; installs MLServer into .bench/ on first use).
 bench-serving: $(MODELS_STAMP)
 	$(BIN)/python -m loadtest.benchmarks.serving --write-readme
+
+# The harness against wrk (Debian package `wrk`), about 3 minutes.
+bench-wrk: $(MODELS_STAMP)
+	$(BIN)/python -m loadtest.benchmarks.wrk_check --write-readme
 
 bench-telemetry: $(MODELS_STAMP)
 	$(BIN)/python -m loadtest.benchmarks.telemetry_bench --write-readme

@@ -131,6 +131,11 @@ class Settings(BaseModel):
         default=False, description="server ready only when every model version is ready"
     )
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with 503")
+    http_fast_path: bool = Field(
+        default=True,
+        description="answer the infer routes straight from ASGI (false: through Starlette's "
+        "router and middleware; same answers, more CPU per request)",
+    )
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     drift: DriftSettings = Field(default_factory=DriftSettings)
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)

@@ -114,9 +114,11 @@ class ModelRegistry:
         batching_enabled: bool = True,
         executions: Sequence[ExecutionObserver] = (),
         tracer: Tracer | None = None,
+        threads: int = 1,
     ) -> None:
         self.repository = repository
         self._executor = executor
+        self._threads = threads
         self._batching_enabled = batching_enabled
         self._executions = tuple(executions)
         self._tracer = tracer
@@ -280,7 +282,7 @@ class ModelRegistry:
                 max_batch_size=batching.max_batch_size,
                 max_queue_delay_s=batching.max_queue_delay_ms / 1000,
                 max_queue_size=batching.max_queue_size,
-                max_batches_in_flight=batching.max_batches_in_flight,
+                max_batches_in_flight=batching.max_batches_in_flight or self._threads,
                 observer=observe,
                 tracing=tracing,
             )

@@ -64,7 +64,10 @@ class BatchingConfig(_Strict):
     max_batch_size: int = Field(default=64, ge=1, le=1_000_000)
     max_queue_delay_ms: float = Field(default=1.0, ge=0, le=10_000)
     max_queue_size: int = Field(default=1024, ge=1)
-    max_batches_in_flight: int = Field(default=2, ge=1, le=64)
+    # None: one per inference thread. More than the threads only queues formed batches
+    # in the pool, where they stop collecting requests (at 64 clients on one CPU, 2
+    # batches in flight for 1 thread gave batches half the size and 15 % less throughput).
+    max_batches_in_flight: int | None = Field(default=None, ge=1, le=64)
 
 
 class VersionPolicy(_Strict):

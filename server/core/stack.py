@@ -31,6 +31,7 @@ async def open_service(
         batching_enabled=settings.batching,
         executions=monitoring.executions if monitoring else (),
         tracer=monitoring.tracer if monitoring else None,
+        threads=settings.inference_threads,
     )
     try:
         await registry.load_all()

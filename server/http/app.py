@@ -12,11 +12,13 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from server.config import Settings
 from server.core.stack import open_service
 from server.errors import ServingError
 from server.http.errors import error_response, serving_error_response
+from server.http.fastpath import InferFastPath, match_infer
 from server.http.monitoring import MonitoringApi
 from server.http.routes import V2Api
 from server.http.telemetry import EdgeTelemetry, TelemetryMiddleware
@@ -25,7 +27,22 @@ from server.telemetry import open_telemetry
 log = logging.getLogger("sluice.http")
 
 
-def create_app(settings: Settings) -> Starlette:
+class SluiceApp(Starlette):
+    """Starlette, with ``POST`` to the infer routes answered before its middleware stack."""
+
+    fast: InferFastPath | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        fast = self.fast
+        if fast is not None and scope["type"] == "http" and scope["method"] == "POST":
+            target = match_infer(scope["path"])
+            if target is not None and not fast.edge.tracing:
+                await fast(scope, receive, send, target)
+                return
+        await super().__call__(scope, receive, send)
+
+
+def create_app(settings: Settings) -> SluiceApp:
     """An ASGI app serving ``settings.model_repository``; models load in the lifespan."""
     api = V2Api(settings)
     monitoring_api = MonitoringApi(settings.max_request_bytes)
@@ -76,7 +93,7 @@ def create_app(settings: Settings) -> Starlette:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(500, f"internal error: {type(exc).__name__}")
 
-    app = Starlette(
+    app = SluiceApp(
         routes=[*api.routes(), *monitoring_api.routes()],
         middleware=[Middleware(TelemetryMiddleware, edge)] if settings.telemetry.enabled else [],
         lifespan=lifespan,
@@ -87,4 +104,6 @@ def create_app(settings: Settings) -> Starlette:
         },
     )
     app.state.api = api
+    if settings.http_fast_path:
+        app.fast = InferFastPath(api, edge, settings.retry_after_s)
     return app

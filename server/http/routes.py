@@ -46,7 +46,11 @@ class RequestIds:
 
 def path_version(request: Request) -> int | None:
     """The ``{version}`` path parameter as a number; None when the route has none."""
-    raw = request.path_params.get("version")
+    return parse_version(request.path_params.get("version"))
+
+
+def parse_version(raw: str | None) -> int | None:
+    """A ``{version}`` path segment as a number; None when there is none."""
     if raw is None or raw == "":
         return None
     if not raw.isdigit():
@@ -146,26 +150,59 @@ class V2Api:
         return _json({"model_stats": stats})
 
     async def infer(self, request: Request) -> Response:
-        service = self._service
+        """The Starlette route; ``server.http.fastpath`` serves the same answers without it."""
         name = request.path_params["name"]
-        version = path_version(request)
-        service.registry.resolve(name, version)  # unknown model -> 404 before parsing the body
+        version = self.infer_target(name, request.path_params.get("version"))
         body = await self._body(request)
         if isinstance(body, Response):
             return body
-        decoded = decode_infer(body, request.headers.get(HEADER_LENGTH), name, version)
+        headers = request.headers
+        payload, header_length = await self.infer_bytes(
+            name,
+            version,
+            body,
+            headers.get("content-encoding"),
+            headers.get(HEADER_LENGTH),
+        )
+        extra = {}
+        media = _JSON
+        if header_length is not None:
+            extra["Inference-Header-Content-Length"] = str(header_length)
+            media = "application/octet-stream"
+        payload = self.compress(payload, headers.get("accept-encoding", ""), extra)
+        return Response(payload, media_type=media, headers=extra)
+
+    def infer_target(self, name: str, raw_version: str | None) -> int | None:
+        """The requested version; unknown models fail here, before the body is read."""
+        version = parse_version(raw_version)
+        self._service.registry.resolve(name, version)
+        return version
+
+    @property
+    def body_limit(self) -> int:
+        return self.settings.max_request_bytes
+
+    async def infer_bytes(
+        self,
+        name: str,
+        version: int | None,
+        body: bytes,
+        content_encoding: str | None,
+        header_length: str | None,
+    ) -> tuple[bytes, int | None]:
+        """Decode, infer, encode: the response body and its JSON header's length if binary."""
+        body = decompress(body, content_encoding, self.settings.max_request_bytes)
+        decoded = decode_infer(body, header_length, name, version)
         if decoded.request.id is None:
             # Always answer with an id (as MLServer does) so feedback can name the request.
             decoded.request.id = self._ids.next()
-        result = await service.infer(decoded.request)
-        payload, header_length = encode_infer(result, decoded)
-        headers = {}
-        media = _JSON
-        if header_length is not None:
-            headers["Inference-Header-Content-Length"] = str(header_length)
-            media = "application/octet-stream"
-        payload = _compress(payload, request.headers.get("accept-encoding", ""), headers)
-        return Response(payload, media_type=media, headers=headers)
+        result = await self._service.infer(decoded.request)
+        return encode_infer(result, decoded)
+
+    @staticmethod
+    def compress(payload: bytes, accept: str, headers: dict[str, str]) -> bytes:
+        """``payload`` gzip- or deflate-encoded when large and accepted; sets the header."""
+        return _compress(payload, accept, headers)
 
     async def _body(self, request: Request) -> bytes | Response:
         limit = self.settings.max_request_bytes
@@ -179,8 +216,7 @@ class V2Api:
             if size > limit:
                 return error_response(413, f"request body exceeds {limit} bytes")
             chunks.append(chunk)
-        body = b"".join(chunks)
-        return decompress(body, request.headers.get("content-encoding"), limit)
+        return b"".join(chunks)
 
     # -- repository -----------------------------------------------------------
 

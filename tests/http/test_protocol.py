@@ -20,9 +20,12 @@ from server.http.app import create_app
 X = np.array([[0.5, -1.0, 2.0, 0.1], [1.5, 0.2, -0.3, 0.0]], dtype=np.float32)
 
 
-@pytest.fixture(scope="module")
-def client(tiny_repo: Path) -> Iterator[TestClient]:
-    settings = Settings(model_repository=tiny_repo, max_request_bytes=64 * 1024)
+@pytest.fixture(scope="module", params=[True, False], ids=["fast-path", "starlette-route"])
+def client(tiny_repo: Path, request: pytest.FixtureRequest) -> Iterator[TestClient]:
+    """Every check runs against both ways the infer routes can be served."""
+    settings = Settings(
+        model_repository=tiny_repo, max_request_bytes=64 * 1024, http_fast_path=request.param
+    )
     with TestClient(create_app(settings)) as test_client:
         yield test_client
 
@@ -171,6 +174,28 @@ def test_compressed_request_bodies(client: TestClient, encoding: str) -> None:
         "/v2/models/tree/infer", content=packed, headers={"Content-Encoding": encoding}
     )
     assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_large_answers_are_compressed_when_the_client_accepts_it(
+    client: TestClient, encoding: str
+) -> None:
+    x = np.random.default_rng(2).normal(size=(600, 4)).astype(np.float32)
+    body = infer_body(x.reshape(-1).tolist())
+    body["inputs"][0]["shape"] = [600, 4]
+    plain = client.post("/v2/models/tree/infer", json=body, headers={"Accept-Encoding": "identity"})
+    packed = client.post("/v2/models/tree/infer", json=body, headers={"Accept-Encoding": encoding})
+    assert "content-encoding" not in plain.headers
+    assert packed.headers["content-encoding"] == encoding
+    # httpx undoes the encoding; the answer is the same rows either way
+    assert packed.json()["outputs"] == plain.json()["outputs"]
+    assert int(packed.headers["content-length"]) < len(plain.content)
+
+
+def test_non_numeric_version_in_the_path_is_400(client: TestClient) -> None:
+    response = client.post("/v2/models/tree/versions/latest/infer", json=infer_body())
+    assert response.status_code == 400
+    assert "version" in response.json()["error"]
 
 
 def test_statistics_count_samples_and_executions(client: TestClient) -> None:
