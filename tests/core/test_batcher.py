@@ -167,7 +167,8 @@ async def test_full_queue_rejects_with_overloaded(executor: ThreadPoolExecutor) 
 
 async def test_cancelled_callers_are_dropped_before_compute(executor: ThreadPoolExecutor) -> None:
     model, records = FakeModel(), []
-    batcher = make_batcher(model, executor, records, max_queue_delay_s=0.0)
+    # One slot: the later requests wait for the first batch instead of taking a second slot.
+    batcher = make_batcher(model, executor, records, max_queue_delay_s=0.0, max_batches_in_flight=1)
     model.gate.clear()
     first = asyncio.create_task(batcher.submit(rows(0, 1), 1))
     await model.wait_started()
@@ -183,7 +184,9 @@ async def test_cancelled_callers_are_dropped_before_compute(executor: ThreadPool
 
 async def test_expired_requests_fail_with_deadline_exceeded(executor: ThreadPoolExecutor) -> None:
     model, records, clock = FakeModel(), [], FakeClock()
-    batcher = make_batcher(model, executor, records, clock=clock, max_queue_delay_s=0.0)
+    batcher = make_batcher(
+        model, executor, records, clock=clock, max_queue_delay_s=0.0, max_batches_in_flight=1
+    )
     model.gate.clear()
     first = asyncio.create_task(batcher.submit(rows(0, 1), 1))
     await model.wait_started()
@@ -240,3 +243,58 @@ async def test_direct_dispatcher_bounds_requests_in_flight(executor: ThreadPoolE
     model.gate.set()
     await asyncio.gather(*running)
     assert [r.requests for r in records] == [1, 1]
+
+
+async def test_a_batch_that_fills_leaves_without_waiting_out_the_delay(
+    executor: ThreadPoolExecutor,
+) -> None:
+    # Two slots and an hour's delay on a clock that never moves: while the first batch
+    # runs, the second only starts because it reached max_batch_size rows.
+    model, records = FakeModel(), []
+    batcher = make_batcher(model, executor, records, max_batch_size=6, max_batches_in_flight=2)
+    model.gate.clear()
+    first = asyncio.create_task(batcher.submit(rows(0, 1), 1))
+    await model.wait_started()
+    fillers = [asyncio.create_task(batcher.submit(rows(i, 2), 2)) for i in range(1, 4)]
+    await asyncio.wait_for(model.wait_started(), timeout=10)  # the full batch began
+    assert batcher.depth == 0
+    model.gate.set()
+    await asyncio.gather(first, *fillers)
+    assert sorted((r.requests, r.rows) for r in records) == [(1, 1), (3, 6)]
+    await batcher.close()
+
+
+async def test_a_partial_batch_leaves_when_the_queue_delay_is_over(
+    executor: ThreadPoolExecutor,
+) -> None:
+    # A real clock and a 20 ms delay: with the first batch still running, the second
+    # (one request, far from full) starts once its delay is over, in the free slot.
+    model, records = FakeModel(), []
+    batcher = MicroBatcher(
+        model,
+        executor,
+        max_batch_size=64,
+        max_queue_delay_s=0.02,
+        max_queue_size=100,
+        max_batches_in_flight=2,
+        observer=records.append,
+    )
+    batcher.start()
+    model.gate.clear()
+    first = asyncio.create_task(batcher.submit(rows(0, 1), 1))
+    await model.wait_started()
+    second = asyncio.create_task(batcher.submit(rows(1, 3), 3))
+    await asyncio.wait_for(model.wait_started(), timeout=10)
+    model.gate.set()
+    await asyncio.gather(first, second)
+    assert sorted((r.requests, r.rows) for r in records) == [(1, 1), (1, 3)]
+    await batcher.close()
+
+
+async def test_submit_after_close_is_refused(executor: ThreadPoolExecutor) -> None:
+    model, records = FakeModel(), []
+    batcher = make_batcher(model, executor, records)
+    await batcher.submit(rows(0, 1), 1)
+    await batcher.close()
+    with pytest.raises(RuntimeFailure, match="not running"):
+        await batcher.submit(rows(1, 1), 1)
