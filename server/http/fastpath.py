@@ -20,12 +20,14 @@ import contextlib
 import logging
 import time
 
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from server.errors import ServingError
+from server.http.codec import HEADER_LENGTH
 from server.http.errors import error_response, serving_error_response
-from server.http.routes import V2Api
+from server.http.routes import V2Api, read_body
 from server.http.telemetry import EdgeTelemetry
 
 log = logging.getLogger("sluice.http")
@@ -35,19 +37,8 @@ VERSIONED_ROUTE = "/v2/models/{name}/versions/{version}/infer"
 _PREFIX = "/v2/models/"
 _SUFFIX = "/infer"
 _WANTED = frozenset(
-    {
-        b"content-length",
-        b"content-encoding",
-        b"accept-encoding",
-        b"inference-header-content-length",
-    }
+    {b"content-length", b"content-encoding", b"accept-encoding", HEADER_LENGTH.encode()}
 )
-_JSON = b"application/json"
-_BINARY = b"application/octet-stream"
-
-
-class ClientGone(Exception):
-    """The client disconnected before its request body arrived."""
 
 
 def match_infer(path: str) -> tuple[str, str | None, str] | None:
@@ -78,7 +69,7 @@ class InferFastPath:
         status, error = 500, None
         try:
             status = await self._serve(scope, receive, send, target[0], target[1])
-        except ClientGone:
+        except ClientDisconnect:
             return  # nobody to answer, nothing served
         except Exception as exc:
             error = type(exc).__qualname__
@@ -96,67 +87,32 @@ class InferFastPath:
     async def _serve(
         self, scope: Scope, receive: Receive, send: Send, name: str, version: str | None
     ) -> int:
-        headers = {k: v for k, v in scope["headers"] if k in _WANTED}
+        headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"] if k in _WANTED}
         api = self.api
         try:
             model_version = api.infer_target(name, version)
-            body = await _read_body(receive, headers.get(b"content-length"), api.body_limit)
+            limit = api.settings.max_request_bytes
+            body = await read_body(receive, headers.get("content-length"), limit)
             if isinstance(body, Response):
                 await body(scope, receive, send)
                 return body.status_code
-            payload, header_length = await api.infer_bytes(
+            payload, media, extra = await api.answer(
                 name,
                 model_version,
                 body,
-                _text(headers.get(b"content-encoding")),
-                _text(headers.get(b"inference-header-content-length")),
+                headers.get("content-encoding"),
+                headers.get(HEADER_LENGTH),
+                headers.get("accept-encoding", ""),
             )
         except ServingError as exc:
             response = serving_error_response(exc, self.retry_after_s)
             await response(scope, receive, send)
             return response.status_code
-        extra: dict[str, str] = {}
-        payload = api.compress(payload, _text(headers.get(b"accept-encoding")) or "", extra)
         raw = [
-            (b"content-type", _JSON if header_length is None else _BINARY),
+            (b"content-type", media.encode()),
             (b"content-length", str(len(payload)).encode()),
+            *((k.lower().encode(), v.encode("latin-1")) for k, v in extra.items()),
         ]
-        if header_length is not None:
-            raw.append((b"inference-header-content-length", str(header_length).encode()))
-        if extra:
-            raw += [(k.lower().encode(), v.encode("latin-1")) for k, v in extra.items()]
         await send({"type": "http.response.start", "status": 200, "headers": raw})
         await send({"type": "http.response.body", "body": payload})
         return 200
-
-
-def _text(raw: bytes | None) -> str | None:
-    return None if raw is None else raw.decode("latin-1")
-
-
-async def _read_body(receive: Receive, declared: bytes | None, limit: int) -> bytes | Response:
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        return error_response(
-            413, f"request body of {declared.decode()} bytes exceeds {limit} bytes"
-        )
-    message = await receive()
-    if message["type"] != "http.request":
-        raise ClientGone
-    body: bytes = message.get("body", b"")
-    if not message.get("more_body", False):
-        if len(body) > limit:
-            return error_response(413, f"request body exceeds {limit} bytes")
-        return body
-    chunks = [body]
-    size = len(body)
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            raise ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return error_response(413, f"request body exceeds {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)

@@ -8,9 +8,10 @@ import os
 import zlib
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Receive
 
 from server import __version__
 from server.config import Settings
@@ -153,23 +154,19 @@ class V2Api:
         """The Starlette route; ``server.http.fastpath`` serves the same answers without it."""
         name = request.path_params["name"]
         version = self.infer_target(name, request.path_params.get("version"))
-        body = await self._body(request)
+        headers = request.headers
+        limit = self.settings.max_request_bytes
+        body = await read_body(request.receive, headers.get("content-length"), limit)
         if isinstance(body, Response):
             return body
-        headers = request.headers
-        payload, header_length = await self.infer_bytes(
+        payload, media, extra = await self.answer(
             name,
             version,
             body,
             headers.get("content-encoding"),
             headers.get(HEADER_LENGTH),
+            headers.get("accept-encoding", ""),
         )
-        extra = {}
-        media = _JSON
-        if header_length is not None:
-            extra["Inference-Header-Content-Length"] = str(header_length)
-            media = "application/octet-stream"
-        payload = self.compress(payload, headers.get("accept-encoding", ""), extra)
         return Response(payload, media_type=media, headers=extra)
 
     def infer_target(self, name: str, raw_version: str | None) -> int | None:
@@ -178,45 +175,29 @@ class V2Api:
         self._service.registry.resolve(name, version)
         return version
 
-    @property
-    def body_limit(self) -> int:
-        return self.settings.max_request_bytes
-
-    async def infer_bytes(
+    async def answer(
         self,
         name: str,
         version: int | None,
         body: bytes,
         content_encoding: str | None,
         header_length: str | None,
-    ) -> tuple[bytes, int | None]:
-        """Decode, infer, encode: the response body and its JSON header's length if binary."""
+        accept_encoding: str,
+    ) -> tuple[bytes, str, dict[str, str]]:
+        """Decode, infer, encode: the response body, its media type and extra headers."""
         body = decompress(body, content_encoding, self.settings.max_request_bytes)
         decoded = decode_infer(body, header_length, name, version)
         if decoded.request.id is None:
             # Always answer with an id (as MLServer does) so feedback can name the request.
             decoded.request.id = self._ids.next()
         result = await self._service.infer(decoded.request)
-        return encode_infer(result, decoded)
-
-    @staticmethod
-    def compress(payload: bytes, accept: str, headers: dict[str, str]) -> bytes:
-        """``payload`` gzip- or deflate-encoded when large and accepted; sets the header."""
-        return _compress(payload, accept, headers)
-
-    async def _body(self, request: Request) -> bytes | Response:
-        limit = self.settings.max_request_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return error_response(413, f"request body of {declared} bytes exceeds {limit} bytes")
-        chunks = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                return error_response(413, f"request body exceeds {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        payload, binary_header = encode_infer(result, decoded)
+        extra = {}
+        media = _JSON
+        if binary_header is not None:
+            extra["Inference-Header-Content-Length"] = str(binary_header)
+            media = "application/octet-stream"
+        return _compress(payload, accept_encoding, extra), media, extra
 
     # -- repository -----------------------------------------------------------
 
@@ -282,6 +263,29 @@ class V2Api:
                 Route(base + "/stats", self.model_stats),
             ]
         return table
+
+
+async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes | Response:
+    """The request body from ASGI ``receive``, or a 413 answer once it passes ``limit`` bytes.
+
+    A declared ``Content-Length`` over the limit is refused before anything is read.
+    Raises ``ClientDisconnect`` when the client goes away first.
+    """
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return error_response(413, f"request body of {declared} bytes exceeds {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientDisconnect
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return error_response(413, f"request body exceeds {limit} bytes")
+        if not message.get("more_body", False):
+            return chunk if not chunks else b"".join([*chunks, chunk])
+        chunks.append(chunk)
 
 
 async def _optional_json(request: Request) -> dict[str, object]:
