@@ -113,14 +113,6 @@ class EdgeTelemetry:
     def observe(self, key: _Key, seconds: float) -> None:
         """One finished request: a dict lookup and a bisect once the series exists."""
         series = self._series.get(key)
-        if series is not None:
-            series.observe(seconds)
-        else:
-            self.record(key, seconds)
-
-    def record(self, key: _Key, seconds: float) -> None:
-        """One finished request."""
-        series = self._series.get(key)
         if series is None:
             local = self._local
             if local is None:
@@ -181,11 +173,7 @@ class TelemetryMiddleware:
             if error is None and (status == 0 or status >= 500):
                 error = str(status or 500)
             key = (method, scope.get("scheme", "http"), route, status or 500, error)
-            series = edge._series.get(key)
-            if series is not None:
-                series.observe(elapsed)
-            else:
-                edge.record(key, elapsed)
+            edge.observe(key, elapsed)
             if span is not None:
                 _end_span(span, token, method, route, edge.attributes(key), error)
 

@@ -157,9 +157,9 @@ def test_requests_recorded_before_shutdown_reach_the_last_export() -> None:
     edge.bind(provider.get_meter("sluice"), None, bridge)
     key = ("POST", "http", "/v2/models/{name}/infer", 200, None)
     for _ in range(3):
-        edge.record(key, 0.002)
+        edge.observe(key, 0.002)
     edge.unbind()  # the lifespan unbinds before the providers shut down
-    edge.record(key, 0.002)  # a straggler after unbind is not recorded
+    edge.observe(key, 0.002)  # a straggler after unbind is not recorded
     provider.shutdown()  # the final push
     metrics = {
         m.name: m
