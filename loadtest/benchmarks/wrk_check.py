@@ -26,20 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loadtest.benchmarks import readme
-from loadtest.benchmarks.serving_servers import (
-    Pinning,
-    Server,
-    ServerCommand,
-    ServerFailed,
-    free_port,
-    pin_self,
-)
+from loadtest.benchmarks.serving_contenders import CONTENDERS, Setup, launch
+from loadtest.benchmarks.serving_model import ModelData
+from loadtest.benchmarks.serving_servers import Pinning, Server, ServerFailed, pin_self
 from loadtest.bodies import BodySpec, random_pool
 from loadtest.runner import run_closed
-from loadtest.target import ModelMetadata, Target, fetch_metadata
+from loadtest.target import ModelMetadata, Target
 
 SECTION = "wrk"
-UVICORN = ["--loop", "uvloop", "--http", "httptools", "--no-access-log"]
 _RATE = re.compile(r"^Requests/sec:\s+([\d.]+)", re.MULTILINE)
 _NON_2XX = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
 _ERRORS = re.compile(r"Socket errors:\s+(.*)")
@@ -115,17 +109,6 @@ class Pair:
     @property
     def wrk_failed(self) -> int:
         return sum(r.non_2xx for r in self.wrk) + sum(1 for r in self.wrk if r.socket_errors)
-
-
-def command(target: str, repository: Path, model: str) -> ServerCommand:
-    port = free_port()
-    if target == "floor":
-        argv = [sys.executable, "-m", "uvicorn", "--factory"]
-        argv += ["loadtest.benchmarks.apps.floor:create_app", "--host", "127.0.0.1"]
-        argv += ["--port", str(port), *UVICORN, "--log-level", "warning"]
-        return ServerCommand(argv, port, {"BENCH_MODEL": model})
-    argv = [sys.executable, "-m", "server", "serve", "--model-repository", str(repository)]
-    return ServerCommand([*argv, "--port", str(port), "--log-level", "warning"], port)
 
 
 def run_wrk(
@@ -227,21 +210,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     pinning = Pinning.detect(not args.no_pin)
     pin_self(pinning.client)
+    data = ModelData.load(args.model_repository, args.model)
+    contenders = {c.key: c for c in CONTENDERS}
     pairs: list[Pair] = []
     with tempfile.TemporaryDirectory() as tmp:
+        # Started as the serving benchmark starts them; the bodies come from the model's config.
+        setup = Setup(data.repository, data.name, data.version, data.artifact, Path(tmp))
         try:
-            # The floor has no metadata route: its bodies are shaped by Sluice's metadata.
-            sluice_cmd = command("sluice", args.model_repository, args.model)
-            with Server("sluice", sluice_cmd, Path(tmp) / "sluice.log", pinning) as sluice:
-                sluice.wait_ready("/v2/health/ready", 120)
-                meta = asyncio.run(fetch_metadata(Target.from_url(sluice.url, args.model)))
-                if "sluice" in targets:
-                    pairs.append(measure("sluice", sluice, meta, args, pinning))
-            if "floor" in targets:
-                floor_cmd = command("floor", args.model_repository, args.model)
-                with Server("floor", floor_cmd, Path(tmp) / "floor.log", pinning) as floor:
-                    floor.wait_ready(f"/v2/models/{args.model}/ready", 60)
-                    pairs.insert(0, measure("floor", floor, meta, args, pinning))
+            for key in targets:
+                command = launch(contenders[key], setup).command
+                with Server(key, command, Path(tmp) / f"{key}.log", pinning) as server:
+                    server.wait_ready(f"/v2/models/{data.name}/ready", 120)
+                    pairs.append(measure(key, server, data.meta, args, pinning))
         except (ServerFailed, WrkFailed) as exc:
             print(f"wrk_check: error: {exc}", file=sys.stderr)
             return 2
