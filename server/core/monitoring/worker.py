@@ -52,7 +52,7 @@ FLUSH_TIMEOUT_S = 10.0
 
 
 @dataclass(slots=True)
-class VersionState:
+class MonitoredVersion:
     """Everything monitored for one served version."""
 
     key: VersionKey
@@ -100,7 +100,7 @@ class MonitoringWorker:
         self._waiting = 0
         self._ready = asyncio.Event()  # something to do: observations, a flush, a publish
         self._flushes: list[asyncio.Future[None]] = []
-        self._states: dict[VersionKey, VersionState] = {}
+        self._states: dict[VersionKey, MonitoredVersion] = {}
         self._store = (
             PredictionStore(feedback.max_predictions, feedback.retention_s)
             if feedback.enabled
@@ -219,7 +219,7 @@ class MonitoringWorker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._hurry.wait(), PACE_S)
 
-    async def _state(self, mv: ModelVersion) -> VersionState:
+    async def _state(self, mv: ModelVersion) -> MonitoredVersion:
         key = (mv.name, mv.version)
         state = self._states.get(key)
         if state is None or state.sha256 != mv.sha256:
@@ -230,7 +230,7 @@ class MonitoringWorker:
                 buffer.narrow(*state.tensors)
         return state
 
-    def _build(self, mv: ModelVersion) -> VersionState:
+    def _build(self, mv: ModelVersion) -> MonitoredVersion:
         drift: DriftMonitor | None = None
         reason = ""
         reference = None
@@ -251,7 +251,7 @@ class MonitoringWorker:
         if self.feedback_settings.enabled:
             card = card_metrics(mv.source.card) if mv.source is not None else {}
             quality = QualityTracker(card, self.feedback_settings)
-        return VersionState(
+        return MonitoredVersion(
             key=(mv.name, mv.version),
             sha256=mv.sha256,
             attributes=self._attributes(mv.name, mv.version),
@@ -261,7 +261,7 @@ class MonitoringWorker:
             score=_score_column(mv, reference.predictions if reference else {}),
         )
 
-    def _absorb(self, state: VersionState, block: Block) -> None:
+    def _absorb(self, state: MonitoredVersion, block: Block) -> None:
         now = self._clock()
         if state.drift is not None:
             _, outputs = block.complete(state.drift.output_names)
@@ -323,7 +323,7 @@ class MonitoringWorker:
             return [Observation(self.dropped, {"reason": "queue_full"})]
         return self._published.get(instrument, [])
 
-    def _report(self, state: VersionState, now: float) -> dict[str, Any]:
+    def _report(self, state: MonitoredVersion, now: float) -> dict[str, Any]:
         name, version = state.key
         doc: dict[str, Any] = {"model": name, "version": str(version)}
         sections = []
