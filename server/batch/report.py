@@ -32,7 +32,7 @@ class ChunkObserver(Protocol):
 def drift_report(path: Path, version: ModelVersion, settings: Settings) -> ChunkObserver:
     """Drift of the scored file against ``reference.json`` of this version."""
     try:
-        from server.core.monitoring.drift import file_drift_report
+        from server.batch.drift_file import file_drift_report
         from server.core.monitoring.reference import ProfileError
     except ImportError:
         raise BatchUsageError(
