@@ -3,7 +3,9 @@
 ``MicroBatcher`` concatenates concurrent requests along the batch dimension;
 ``DirectDispatcher`` runs each request on its own. Both bound their queue and
 raise ``Overloaded`` instead of letting latency grow without limit, and both
-run the model in the inference thread pool, never on the event loop.
+run the model in the inference thread pool, never on the event loop. A request
+whose deadline passes before compute starts fails with ``DeadlineExceeded``;
+time is read and waited on through a ``Clock`` (real monotonic time by default).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 from opentelemetry.trace import SpanContext
@@ -22,7 +25,38 @@ from server.errors import DeadlineExceeded, Overloaded, RuntimeFailure, ServingE
 
 Tensors = dict[str, np.ndarray]
 Compute = Callable[[Mapping[str, np.ndarray]], Tensors]
-Clock = Callable[[], float]
+
+
+class Clock(Protocol):
+    """The time a dispatcher reads and waits on; deadlines are on this clock."""
+
+    def now(self) -> float:
+        """Seconds on a monotonic scale."""
+        ...
+
+    async def wait(self, event: asyncio.Event, deadline: float) -> bool:
+        """Wait until ``event`` is set (True) or this clock reaches ``deadline`` (False)."""
+        ...
+
+
+class MonotonicClock:
+    """Real time: ``time.monotonic()``, which is also what the event loop's timers use."""
+
+    __slots__ = ()
+
+    # The builtin itself, not a method wrapping it: read once per request on the hot path.
+    now = staticmethod(time.monotonic)
+
+    async def wait(self, event: asyncio.Event, deadline: float) -> bool:
+        """Wait until ``event`` is set (True) or ``time.monotonic()`` reaches ``deadline``."""
+        try:
+            await asyncio.wait_for(event.wait(), deadline - time.monotonic())
+        except TimeoutError:
+            return False
+        return True
+
+
+MONOTONIC = MonotonicClock()
 
 
 @dataclass(slots=True, frozen=True)
@@ -55,6 +89,20 @@ def _timed(compute: Compute, inputs: Mapping[str, np.ndarray]) -> tuple[Tensors,
     return outputs, time.perf_counter_ns() - started
 
 
+def _timed_before(
+    compute: Compute,
+    inputs: Mapping[str, np.ndarray],
+    deadline: float | None,
+    now: Callable[[], float],
+) -> tuple[Tensors, int]:
+    # Checked in the worker thread: the request may have waited in the pool's queue.
+    if deadline is not None and now() > deadline:
+        raise DeadlineExceeded("request timed out before compute started")
+    started = time.perf_counter_ns()
+    outputs = compute(inputs)
+    return outputs, time.perf_counter_ns() - started
+
+
 class DirectDispatcher:
     """One model execution per request, with a bound on requests in flight."""
 
@@ -64,7 +112,7 @@ class DirectDispatcher:
         executor: Executor,
         max_pending: int,
         observer: BatchObserver | None = None,
-        clock: Clock = time.monotonic,
+        clock: Clock = MONOTONIC,
         tracing: BatchTracing | None = None,
     ) -> None:
         self._compute = compute
@@ -72,7 +120,7 @@ class DirectDispatcher:
         self._max_pending = max_pending
         self._pending = 0
         self._observer = observer
-        self._clock = clock
+        self._now = clock.now
         self._tracing = tracing
 
     @property
@@ -81,7 +129,7 @@ class DirectDispatcher:
         return self._pending
 
     async def submit(self, inputs: Tensors, rows: int, deadline: float | None = None) -> Tensors:
-        """Run the model on this request alone."""
+        """Run the model on this request alone, unless its deadline passes first."""
         if self._pending >= self._max_pending:
             raise Overloaded(f"too many requests in flight ({self._max_pending}); retry shortly")
         self._pending += 1
@@ -90,8 +138,12 @@ class DirectDispatcher:
         error: BaseException | None = None
         try:
             outputs, compute_ns = await loop.run_in_executor(
-                self._executor, _timed, self._compute, inputs
+                self._executor, _timed_before, self._compute, inputs, deadline, self._now
             )
+            _check_rows(outputs, rows)
+        except DeadlineExceeded as exc:
+            error = exc  # the model never ran: no execution to record
+            raise
         except ServingError as exc:
             error = exc
             self._observe(rows, 0, ok=False)
@@ -104,7 +156,6 @@ class DirectDispatcher:
             self._pending -= 1
             if span is not None:
                 BatchTracing.end(span, error)
-        _check_rows(outputs, rows)
         self._observe(rows, compute_ns, ok=True)
         return outputs
 
@@ -134,7 +185,7 @@ class MicroBatcher:
         max_queue_size: int,
         max_batches_in_flight: int,
         observer: BatchObserver | None = None,
-        clock: Clock = time.monotonic,
+        clock: Clock = MONOTONIC,
         tracing: BatchTracing | None = None,
     ) -> None:
         self._compute = compute
@@ -144,14 +195,17 @@ class MicroBatcher:
         self._delay = max_queue_delay_s
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue_size)
         self._slots = asyncio.Semaphore(max_batches_in_flight)
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # a request was queued or a batch finished
         self._observer = observer
         self._clock = clock
+        self._now = clock.now
         self._carry: _Item | None = None
         self._in_flight = 0
         self._forming = False  # the loop holds requests it has not dispatched yet
         self._batches: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._settled = asyncio.Event()  # a batch finished while close() waits
 
     @property
     def depth(self) -> int:
@@ -169,7 +223,7 @@ class MicroBatcher:
             raise RuntimeFailure("batcher is not running")
         future: asyncio.Future[Tensors] = asyncio.get_running_loop().create_future()
         caller = self._tracing.capture() if self._tracing is not None else None
-        item = _Item(inputs, rows, future, self._clock(), deadline, caller)
+        item = _Item(inputs, rows, future, self._now(), deadline, caller)
         if self._idle():
             # Nothing queued, forming or running: this request is the whole batch. Run it
             # from the caller's task, without the hops through the batching loop and a new
@@ -226,13 +280,10 @@ class MicroBatcher:
     async def _wait_for_more(self, batch: list[_Item], rows: int, deadline: float) -> int:
         # Waiting only pays off while another batch holds the model.
         while rows < self._max_rows and self._carry is None and self._in_flight > 0:
-            remaining = deadline - self._clock()
-            if remaining <= 0:
+            if self._now() >= deadline:
                 break
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), remaining)
-            except TimeoutError:
+            if not await self._clock.wait(self._wake, deadline):
                 break
             rows = self._drain(batch, rows)
         return rows
@@ -246,9 +297,11 @@ class MicroBatcher:
             self._in_flight -= 1
             self._slots.release()
             self._wake.set()
+            if self._closing:
+                self._settled.set()
 
     def _live(self, batch: list[_Item]) -> list[_Item]:
-        now = self._clock()
+        now = self._now()
         live = []
         for item in batch:
             if item.future.done():  # caller went away
@@ -262,7 +315,7 @@ class MicroBatcher:
         return live
 
     async def _compute_batch(self, live: list[_Item]) -> None:
-        started = self._clock()
+        started = self._now()
         queue_s = tuple(started - item.enqueued_at for item in live)
         total = sum(item.rows for item in live)
         if len(live) == 1:
@@ -308,11 +361,17 @@ class MicroBatcher:
 
     async def close(self) -> None:
         """Finish every queued and running batch, then stop the loop."""
-        while self.depth or self._batches or self._in_flight:
-            if self._batches:
-                await asyncio.gather(*list(self._batches), return_exceptions=True)
-            else:
-                await asyncio.sleep(0)  # let the loop pick up queued work
+        # Every way out of "not idle" ends in _execute, which sets _settled: the loop
+        # dispatches whatever it holds or has queued as soon as a slot is free.
+        self._closing = True
+        try:
+            while not self._idle():
+                self._settled.clear()
+                await self._settled.wait()
+        finally:
+            self._closing = False
+        # Past _execute, each task has at most its done callback left to run.
+        await asyncio.gather(*list(self._batches), return_exceptions=True)
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)

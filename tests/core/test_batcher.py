@@ -4,22 +4,84 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 import pytest
 
-from server.core.batcher import BatchRecord, DirectDispatcher, MicroBatcher
+from server.core.batcher import (
+    MONOTONIC,
+    BatchRecord,
+    Clock,
+    DirectDispatcher,
+    MicroBatcher,
+)
 from server.errors import DeadlineExceeded, Overloaded, RuntimeFailure
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
+    """Time moves only when the test calls advance(); waits whose deadline it passes end then."""
 
-    def __call__(self) -> float:
-        return self.now
+    def __init__(self) -> None:
+        self.time = 1000.0
+        self._timers: list[tuple[float, asyncio.Future[None]]] = []
+        self._waiting = asyncio.Event()
+
+    def now(self) -> float:
+        return self.time
+
+    async def wait(self, event: asyncio.Event, deadline: float) -> bool:
+        if event.is_set():
+            return True
+        if deadline <= self.time:
+            return False
+        timer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (deadline, timer)
+        self._timers.append(entry)
+        self._waiting.set()
+        setter = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait((setter, timer), return_when=asyncio.FIRST_COMPLETED)
+            return setter.done()
+        finally:
+            setter.cancel()
+            self._timers.remove(entry)
+            if not self._timers:
+                self._waiting.clear()
+
+    def advance(self, seconds: float) -> None:
+        self.time += seconds
+        for deadline, timer in self._timers:
+            if deadline <= self.time and not timer.done():
+                timer.set_result(None)
+
+    async def someone_waits(self) -> None:
+        await self._waiting.wait()
+
+
+class WatchedPool(ThreadPoolExecutor):
+    """A thread pool that tells the test how many jobs it has been handed."""
+
+    def __init__(self, workers: int) -> None:
+        super().__init__(workers)
+        self.handed = 0
+        self._changed = asyncio.Event()
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        self.handed += 1  # run_in_executor hands jobs over on the event loop's thread
+        self._changed.set()
+        return super().submit(fn, *args, **kwargs)
+
+    async def wait_handed(self, count: int) -> None:
+        while self.handed < count:
+            self._changed.clear()
+            await self._changed.wait()
 
 
 class FakeModel:
@@ -31,8 +93,10 @@ class FakeModel:
         self.started = threading.Semaphore(0)
         self.fail_on_value: float | None = None
         self.drop_a_row = False
+        self.calls = 0
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.calls += 1
         self.started.release()
         self.gate.wait(30)
         x = inputs["x"]
@@ -190,9 +254,9 @@ async def test_expired_requests_fail_with_deadline_exceeded(executor: ThreadPool
     model.gate.clear()
     first = asyncio.create_task(batcher.submit(rows(0, 1), 1))
     await model.wait_started()
-    late = asyncio.create_task(batcher.submit(rows(1, 1), 1, deadline=clock.now + 1))
+    late = asyncio.create_task(batcher.submit(rows(1, 1), 1, deadline=clock.now() + 1))
     await asyncio.sleep(0)
-    clock.now += 5
+    clock.advance(5)
     model.gate.set()
     await first
     with pytest.raises(DeadlineExceeded):
@@ -217,6 +281,7 @@ async def test_wrong_output_row_count_is_a_runtime_failure(executor: ThreadPoolE
     batcher = make_batcher(model, executor, records)
     with pytest.raises(RuntimeFailure, match="returned 2 rows"):
         await batcher.submit(rows(0, 3), 3)
+    assert [(r.rows, r.requests, r.ok) for r in records] == [(3, 1, False)]
     await batcher.close()
 
 
@@ -267,23 +332,26 @@ async def test_a_batch_that_fills_leaves_without_waiting_out_the_delay(
 async def test_a_partial_batch_leaves_when_the_queue_delay_is_over(
     executor: ThreadPoolExecutor,
 ) -> None:
-    # A real clock and a 20 ms delay: with the first batch still running, the second
-    # (one request, far from full) starts once its delay is over, in the free slot.
-    model, records = FakeModel(), []
-    batcher = MicroBatcher(
+    # A 20 ms delay on a fake clock: with the first batch still running, the second
+    # (one request, far from full) is held for more requests until the test moves the
+    # clock past its delay, then starts in the free slot.
+    model, records, clock = FakeModel(), [], FakeClock()
+    batcher = make_batcher(
         model,
         executor,
+        records,
+        clock=clock,
         max_batch_size=64,
         max_queue_delay_s=0.02,
-        max_queue_size=100,
         max_batches_in_flight=2,
-        observer=records.append,
     )
-    batcher.start()
     model.gate.clear()
     first = asyncio.create_task(batcher.submit(rows(0, 1), 1))
     await model.wait_started()
     second = asyncio.create_task(batcher.submit(rows(1, 3), 3))
+    await asyncio.wait_for(clock.someone_waits(), timeout=10)
+    assert model.calls == 1, "the partial batch left before its delay was over"
+    clock.advance(0.02)
     await asyncio.wait_for(model.wait_started(), timeout=10)
     model.gate.set()
     await asyncio.gather(first, second)
@@ -298,3 +366,145 @@ async def test_submit_after_close_is_refused(executor: ThreadPoolExecutor) -> No
     await batcher.close()
     with pytest.raises(RuntimeFailure, match="not running"):
         await batcher.submit(rows(1, 1), 1)
+
+
+async def test_close_answers_a_request_held_for_the_only_slot(
+    executor: ThreadPoolExecutor,
+) -> None:
+    # The lone first request holds the one slot; the loop takes the next request and waits
+    # for that slot. close() must see it through, not stop the loop under it.
+    model, records = FakeModel(), []
+    batcher = make_batcher(model, executor, records, max_batches_in_flight=1)
+    model.gate.clear()
+    first = asyncio.create_task(batcher.submit(rows(0, 1), 1))
+    await model.wait_started()
+    held = asyncio.create_task(batcher.submit(rows(1, 2), 2))
+    closing = asyncio.create_task(batcher.close())
+    model.gate.set()
+    await asyncio.wait_for(closing, timeout=10)
+    assert first.done(), "close() returned before every caller was answered"
+    assert held.done(), "close() returned before every caller was answered"
+    np.testing.assert_array_equal(held.result()["y"], rows(1, 2)["x"] * 2 + 1)
+    assert [(r.requests, r.rows, r.ok) for r in records] == [(1, 1, True), (1, 2, True)]
+
+
+async def test_close_does_not_wait_out_the_queue_delay_of_a_forming_batch(
+    executor: ThreadPoolExecutor,
+) -> None:
+    # An hour's delay on a clock that never moves: the batch forming behind the running one
+    # leaves as soon as the model is free, and close() returns once it is answered.
+    model, records, clock = FakeModel(), [], FakeClock()
+    batcher = make_batcher(model, executor, records, clock=clock, max_queue_delay_s=3600.0)
+    model.gate.clear()
+    first = asyncio.create_task(batcher.submit(rows(0, 1), 1))
+    await model.wait_started()
+    forming = [asyncio.create_task(batcher.submit(rows(i, 1), 1)) for i in range(1, 4)]
+    await asyncio.wait_for(clock.someone_waits(), timeout=10)
+    closing = asyncio.create_task(batcher.close())
+    model.gate.set()
+    await asyncio.wait_for(closing, timeout=10)
+    assert all(t.done() and not t.exception() for t in [first, *forming])
+    assert [(r.requests, r.rows) for r in records] == [(1, 1), (3, 3)]
+
+
+def make_direct(
+    model: FakeModel,
+    executor: ThreadPoolExecutor,
+    records: list[BatchRecord],
+    clock: Clock | None = None,
+) -> DirectDispatcher:
+    return DirectDispatcher(
+        model, executor, max_pending=10, observer=records.append, clock=clock or FakeClock()
+    )
+
+
+async def test_direct_dispatcher_refuses_a_request_already_past_its_deadline(
+    executor: ThreadPoolExecutor,
+) -> None:
+    model, records, clock = FakeModel(), [], FakeClock()
+    direct = make_direct(model, executor, records, clock)
+    with pytest.raises(DeadlineExceeded, match="before compute started"):
+        await direct.submit(rows(0, 1), 1, deadline=clock.now() - 1)
+    assert model.calls == 0
+    assert records == [], "no model execution happened, so none is recorded"
+    assert direct.depth == 0
+
+
+async def test_direct_dispatcher_deadline_passes_while_waiting_for_a_thread() -> None:
+    # One inference thread, busy with the first request: the second waits in the pool's
+    # queue, and its deadline passes there. It fails without running the model.
+    model, records, clock = FakeModel(), [], FakeClock()
+    pool = WatchedPool(1)
+    try:
+        direct = make_direct(model, pool, records, clock)
+        model.gate.clear()
+        first = asyncio.create_task(direct.submit(rows(0, 1), 1))
+        await model.wait_started()
+        late = asyncio.create_task(direct.submit(rows(1, 1), 1, deadline=clock.now() + 1))
+        await asyncio.wait_for(pool.wait_handed(2), timeout=10)  # accepted, queued
+        clock.advance(5)
+        model.gate.set()
+        assert (await first)["y"].shape == (1, 3)
+        with pytest.raises(DeadlineExceeded):
+            await late
+        assert model.calls == 1
+        assert [(r.requests, r.ok) for r in records] == [(1, True)]
+        assert direct.depth == 0
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def test_direct_dispatcher_runs_requests_within_their_deadline(
+    executor: ThreadPoolExecutor,
+) -> None:
+    model, records, clock = FakeModel(), [], FakeClock()
+    direct = make_direct(model, executor, records, clock)
+    for deadline in (None, clock.now() + 1, clock.now()):
+        request = rows(7, 2)
+        result = await direct.submit(request, 2, deadline=deadline)
+        np.testing.assert_array_equal(result["y"], request["x"] * 2 + 1)
+    assert [r.ok for r in records] == [True, True, True]
+
+
+async def test_direct_dispatcher_wrong_output_row_count_records_one_failure(
+    executor: ThreadPoolExecutor,
+) -> None:
+    model, records = FakeModel(), []
+    model.drop_a_row = True
+    direct = make_direct(model, executor, records)
+    with pytest.raises(RuntimeFailure, match="returned 2 rows"):
+        await direct.submit(rows(0, 3), 3)
+    assert [(r.rows, r.requests, r.ok) for r in records] == [(3, 1, False)]
+    assert direct.depth == 0
+
+
+async def test_default_clock_reads_deadlines_as_monotonic_time(
+    executor: ThreadPoolExecutor,
+) -> None:
+    # Callers pass no clock and compute deadlines as time.monotonic() + timeout.
+    model, records = FakeModel(), []
+    direct = DirectDispatcher(model, executor, 10, observer=records.append)
+    batcher = MicroBatcher(
+        model,
+        executor,
+        max_batch_size=16,
+        max_queue_delay_s=0.0,
+        max_queue_size=10,
+        max_batches_in_flight=1,
+        observer=records.append,
+    )
+    batcher.start()
+    for dispatcher in (direct, batcher):
+        with pytest.raises(DeadlineExceeded):
+            await dispatcher.submit(rows(0, 1), 1, deadline=time.monotonic() - 1)
+        result = await dispatcher.submit(rows(1, 1), 1, deadline=time.monotonic() + 3600)
+        assert result["y"].shape == (1, 3)
+    assert model.calls == 2
+    await batcher.close()
+
+
+async def test_monotonic_clock_wait_reports_set_or_deadline_passed() -> None:
+    event = asyncio.Event()
+    assert await MONOTONIC.wait(event, time.monotonic() - 1) is False
+    event.set()
+    assert await MONOTONIC.wait(event, time.monotonic() + 3600) is True
