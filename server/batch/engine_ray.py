@@ -42,7 +42,20 @@ TEXT_COLUMN = "text"
 
 
 class RayScorer:
-    """A Ray Data actor: loads the model once, then scores batches through the core."""
+    """A Ray Data actor: loads the model once, then scores batches through the core.
+
+    ``close()`` releases the core (models, inference thread) and the event loop.
+    Under Ray nothing can call it: Ray Data gives a callable class no end-of-run
+    hook. When a run ends, successfully or not, its executor releases the actor
+    pool (``ActorPoolMapOperator.shutdown``) and each actor exits; on the way out
+    ``_MapWorker.__ray_shutdown__`` only drops its reference to this instance,
+    which reaches the instance through ``__del__`` alone, and not at all when the
+    actor is killed (``ray.kill``, ``ray.shutdown()``) or crashes. A finalizer
+    that runs an event loop is no teardown, so there is none: the actor
+    process's exit releases the thread, the runtimes and the loop, and the engine
+    makes sure the actors end (``run_ray``). ``close()`` is for a scorer used in
+    process; it is idempotent.
+    """
 
     def __init__(self, job: BatchJob, version: int, sha256: str, schema: pa.Schema) -> None:
         self._job = job
@@ -115,12 +128,14 @@ class RayScorer:
         )
         (parts / f"part-{uuid.uuid4().hex}.jsonl").write_bytes(lines)
 
-    def __del__(self) -> None:
+    def close(self) -> None:
+        """Close the core (drain, unload, stop its thread pool), then the event loop."""
+        if self._loop.is_closed():
+            return
         try:
             self._loop.run_until_complete(self._stack.aclose())
+        finally:
             self._loop.close()
-        except Exception:  # an actor being torn down has nowhere to report to
-            pass
 
 
 def _quarantine_parts(path: Path) -> Path:
@@ -255,6 +270,8 @@ def run_ray(job: BatchJob, progress: Progress) -> BatchSummary:
             concurrency=actors,
             num_cpus=1,
         )
+        # The actors end with the run: when the write returns or raises, Ray Data has
+        # released the actor pool, and a Ray started here is shut down below.
         _write(scored, job.output_format, temp)
     except Exception as exc:
         shutil.rmtree(temp, ignore_errors=True)

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray  # the ray extra is part of dev: a missing Ray fails here, it is never skipped
 from batch_support import feature_table, make_repo, read_jsonl, read_table, sluice_batch
 from batch_support import write_table as write_input
+
+from server.batch.engine_ray import RayScorer
+from server.batch.job import BatchJob, Format
+from server.batch.session import resolve_plan
+from server.config import Settings
 
 ROWS = 2_000
 
@@ -92,3 +100,23 @@ def test_ray_fail_mode_reports_the_bad_row_without_ray_noise(repo: Path, tmp_pat
     assert message.startswith("sluice batch: error: ")
     assert "non-finite value inf in column 'f2'" in message
     assert not (tmp_path / "out").exists()
+
+
+def inference_threads() -> set[int | None]:
+    return {t.ident for t in threading.enumerate() if t.name.startswith("sluice-infer")}
+
+
+def test_a_scorer_closed_in_process_releases_its_core(repo: Path, tmp_path: Path) -> None:
+    source = write_input(feature_table(20), tmp_path / "in.parquet")
+    job = BatchJob(
+        Settings(model_repository=repo), "linear", None, source, tmp_path / "out",
+        Format.PARQUET, Format.PARQUET,
+    )  # fmt: skip
+    plan, sha256, schema = asyncio.run(resolve_plan(job))
+    before = inference_threads()
+    scorer = RayScorer(job, plan.version, sha256, schema)
+    assert scorer(pq.read_table(source, columns=plan.read_columns)).num_rows == 20
+    assert inference_threads() - before, "the scorer's core has its own inference thread"
+    scorer.close()
+    assert inference_threads() <= before
+    scorer.close()  # a second close is harmless
