@@ -6,6 +6,8 @@ exit codes in the CLI). Nothing here knows about HTTP.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class ServingError(Exception):
     """Base class of every error a client of the core can be shown."""
@@ -24,9 +26,24 @@ class InvalidInput(ServingError):
 
 
 class ModelNotFound(ServingError):
-    """No such model, or no such version of it."""
+    """No such model, or no such version of it.
+
+    Worded once, here, in the form tritonclient and KServe clients look for.
+    """
 
     exit_code = 3
+
+    @classmethod
+    def model(cls, name: str) -> ModelNotFound:
+        return cls(f"Request for unknown model: '{name}' is not found")
+
+    @classmethod
+    def version(cls, name: str, version: int, served: Iterable[int] = ()) -> ModelNotFound:
+        listed = ", ".join(str(v) for v in sorted(served)) or "none"
+        return cls(
+            f"Request for unknown model: '{name}' version {version} is not found "
+            f"(served versions: {listed})"
+        )
 
 
 class ModelNotReady(ServingError):

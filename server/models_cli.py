@@ -8,36 +8,36 @@ from rich.console import Console
 from rich.table import Table
 
 from server.config import Settings
-from server.core.stack import open_service
+from server.core.stack import open_dataplane
 
 
 async def describe_repository(settings: Settings) -> list[dict[str, Any]]:
     """One row per selected version (or per model that could not be read)."""
     rows: list[dict[str, Any]] = []
-    async with open_service(settings) as service:
-        for name, entry in sorted(service.registry.models.items()):
-            if not entry.versions:
+    async with open_dataplane(settings) as plane:
+        for info in sorted(plane.models(), key=lambda m: m.name):
+            if not info.versions:
                 rows.append(
                     {
-                        "model": name,
+                        "model": info.name,
                         "version": "",
                         "runtime": "",
                         "state": "UNAVAILABLE",
                         "sha256": "",
-                        "reason": entry.error,
+                        "reason": info.error,
                     }
                 )
-            for version, mv in sorted(entry.versions.items()):
-                rows.append(
-                    {
-                        "model": name,
-                        "version": str(version),
-                        "runtime": mv.source.runtime.value if mv.source else "",
-                        "state": mv.state.value,
-                        "sha256": mv.sha256,
-                        "reason": mv.reason,
-                    }
-                )
+            rows += [
+                {
+                    "model": info.name,
+                    "version": str(v.version),
+                    "runtime": v.runtime,
+                    "state": v.state.value,
+                    "sha256": v.sha256,
+                    "reason": v.reason,
+                }
+                for v in info.versions
+            ]
     return rows
 
 

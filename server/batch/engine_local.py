@@ -136,8 +136,9 @@ class LocalRun:
         converted = prepared.converted
         if not converted.rows:
             return Scored(prepared, None, {})
-        result = await self.session.service.infer(
-            InferenceRequest(self.plan.model, converted.inputs, version=self.plan.version)
+        result = await self.session.plane.infer(
+            InferenceRequest(self.plan.model, converted.inputs, version=self.plan.version),
+            self.session.route,
         )
         return Scored(
             prepared, output_batch(self.plan, converted.kept, result.outputs), result.outputs

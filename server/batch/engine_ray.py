@@ -1,8 +1,8 @@
 """The Ray engine: the same scoring inside Ray Data actors, for files too big for one machine.
 
 The driver checks the file against the model and pins the version exactly as
-the local engine does. Each actor opens the same core (``open_service``) once
-and scores every batch it is given through ``InferenceService.infer``, so a
+the local engine does. Each actor opens the same core (``open_dataplane``) once
+and scores every batch it is given through ``DataPlane.infer``, so a
 row gets the same output on either engine. Output is a directory of part
 files, moved into place when the whole dataset is written. Ray is an optional
 extra: ``pip install 'sluice[ray]'``.
@@ -34,8 +34,9 @@ from server.batch.progress import Progress
 from server.batch.readers import jsonl_options, parse_jsonl
 from server.batch.session import offline_settings, resolve_plan
 from server.batch.summary import BatchSummary
-from server.core.service import InferenceRequest, InferenceService
-from server.core.stack import open_service
+from server.core.dataplane import DataPlane
+from server.core.service import InferenceRequest
+from server.core.stack import open_dataplane
 
 log = logging.getLogger("sluice.batch")
 TEXT_COLUMN = "text"
@@ -62,10 +63,11 @@ class RayScorer:
         self._loop = asyncio.new_event_loop()
         self._stack = AsyncExitStack()
         settings = offline_settings(job.settings).model_copy(update={"inference_threads": 1})
-        self._service: InferenceService = self._loop.run_until_complete(
-            self._stack.enter_async_context(open_service(settings))
+        self._plane: DataPlane = self._loop.run_until_complete(
+            self._stack.enter_async_context(open_dataplane(settings))
         )
-        mv = self._service.registry.resolve(job.model, version)
+        self._route = self._plane.route(job.model, version)
+        mv = self._route.serving
         if mv.sha256 != sha256:
             raise BatchUsageError(
                 f"model '{job.model}' version {version} on this worker differs from the driver's "
@@ -100,8 +102,8 @@ class RayScorer:
         if not converted.rows:
             return plan.output_schema.empty_table()
         result = self._loop.run_until_complete(
-            self._service.infer(
-                InferenceRequest(plan.model, converted.inputs, version=plan.version)
+            self._plane.infer(
+                InferenceRequest(plan.model, converted.inputs, version=plan.version), self._route
             )
         )
         return pa.Table.from_batches([output_batch(plan, converted.kept, result.outputs)])

@@ -1,7 +1,7 @@
 """Per-chunk observers of offline scoring: the seam for file-level reports such as drift.
 
 Per-request observers are the core's: ``InferenceService`` calls every
-observer ``open_service`` installed for each chunk, exactly as for an HTTP
+observer ``open_dataplane`` installed for each chunk, exactly as for an HTTP
 request. A ``ChunkObserver`` is for what only a file run has: a report about
 the whole scored file (``--drift-report PATH``), written when the run ends.
 """

@@ -1,9 +1,9 @@
 """Opens what a batch run scores with: the input reader, the core, and the column plan.
 
-The core is the same ``open_service`` the HTTP edge uses, with one override:
-dynamic batching is off, because a file chunk is already a batch and the
-micro-batcher exists to merge small concurrent requests. Each chunk still goes
-through ``InferenceService.infer``: same version resolution, signature
+The core is the same data plane the HTTP edge uses (``open_dataplane``), with
+one override: dynamic batching is off, because a file chunk is already a
+batch and the micro-batcher exists to merge small concurrent requests. Each
+chunk still goes through ``DataPlane.infer``: same routing, signature
 validation, runtime, statistics and observers as an HTTP request.
 """
 
@@ -22,14 +22,16 @@ from server.batch.job import BatchJob
 from server.batch.readers import ChunkReader, open_reader
 from server.batch.report import ChunkObserver, drift_report
 from server.config import Settings
+from server.core.dataplane import DataPlane
 from server.core.repository import ModelRepository, RepositoryError
-from server.core.service import InferenceService
-from server.core.stack import open_service
+from server.core.routing import Route
+from server.core.stack import open_dataplane
 
 
 @dataclass(slots=True)
 class ScoringSession:
-    service: InferenceService
+    plane: DataPlane
+    route: Route
     plan: ScoringPlan
     reader: ChunkReader
     sha256: str
@@ -71,15 +73,16 @@ async def open_scoring(job: BatchJob) -> AsyncIterator[ScoringSession]:
         signature = repository.read_config(job.model).signature()
         # Fail on missing or mistyped columns before loading any model.
         plan_scoring(job.model, 0, signature, reader.schema, job.keep, str(job.input))
-        async with open_service(offline_settings(job.settings)) as service:
-            mv = service.registry.resolve(job.model, job.version)
+        async with open_dataplane(offline_settings(job.settings)) as plane:
+            route = plane.route(job.model, job.version)
+            mv = route.serving
             plan = plan_scoring(
                 mv.name, mv.version, mv.signature, reader.schema, job.keep, str(job.input)
             )
             observers: dict[str, ChunkObserver] = {}
             if job.drift_report is not None:
                 observers["drift"] = drift_report(job.drift_report, mv, job.settings)
-            yield ScoringSession(service, plan, reader, mv.sha256, observers)
+            yield ScoringSession(plane, route, plan, reader, mv.sha256, observers)
     finally:
         reader.close()
 

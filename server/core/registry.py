@@ -12,29 +12,23 @@ import logging
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from enum import StrEnum
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 from opentelemetry.trace import Tracer
 
 from server.core.batcher import BatchRecord, DirectDispatcher, MicroBatcher, Tensors
+from server.core.catalog import VersionState
+from server.core.model_config import ModelConfig
 from server.core.monitoring.tracing import BatchTracing
-from server.core.repository import ModelConfig, ModelRepository, RepositoryError, VersionSource
+from server.core.repository import ModelRepository, RepositoryError, VersionSource
+from server.core.routing import Router
 from server.core.runtimes import RUNTIMES, Runtime, SignatureMismatch
 from server.core.signature import Signature
 from server.core.stats import VersionStats
-from server.errors import ModelNotFound, ModelNotReady, ServingError
+from server.errors import ServingError
 
 log = logging.getLogger("sluice.registry")
-
-
-class VersionState(StrEnum):
-    READY = "READY"
-    UNAVAILABLE = "UNAVAILABLE"
-    LOADING = "LOADING"
-    UNLOADING = "UNLOADING"
 
 
 class Dispatcher(Protocol):
@@ -77,10 +71,6 @@ class ModelVersion:
     def platform(self) -> str:
         return self.runtime.platform if self.runtime else ""
 
-    @property
-    def path(self) -> Path | None:
-        return self.source.path if self.source else None
-
 
 @dataclass(slots=True)
 class ModelEntry:
@@ -91,32 +81,34 @@ class ModelEntry:
     error: str = ""
     versions: dict[int, ModelVersion] = field(default_factory=dict)
     unloaded: bool = False
-    # The version unversioned requests go to; kept current by ``refresh`` so the
-    # hot path does not sort versions per request.
-    default: ModelVersion | None = None
 
     def ready_versions(self) -> list[ModelVersion]:
         return [v for _, v in sorted(self.versions.items()) if v.state is VersionState.READY]
 
-    def refresh(self) -> None:
-        ready = self.ready_versions()
-        self.default = ready[-1] if ready else None
+    def why(self) -> str:
+        """Why versions of this model are not ready, as far as anything says."""
+        if self.error:
+            return self.error
+        reasons = [f"v{v.version}: {v.reason}" for v in self.versions.values() if v.reason]
+        return "; ".join(reasons) or "no versions"
 
 
 class ModelRegistry:
-    """Owns every loaded runtime and dispatcher."""
+    """Owns every loaded runtime and dispatcher; tells the router what serves."""
 
     def __init__(
         self,
         repository: ModelRepository,
         executor: Executor,
         *,
+        router: Router | None = None,
         batching_enabled: bool = True,
         executions: Sequence[ExecutionObserver] = (),
         tracer: Tracer | None = None,
         threads: int = 1,
     ) -> None:
         self.repository = repository
+        self.router = router if router is not None else Router()
         self._executor = executor
         self._threads = threads
         self._batching_enabled = batching_enabled
@@ -138,9 +130,9 @@ class ModelRegistry:
         self.repository.model_path(name)
         async with self._locks.setdefault(name, asyncio.Lock()):
             entry = await self._build(name)
-            entry.refresh()
             previous = self._models.get(name)
             self._models[name] = entry
+            self.router.update(entry)
             if previous is not None:
                 await _retire(previous)
             for mv in entry.versions.values():
@@ -173,35 +165,15 @@ class ModelRegistry:
             for mv in entry.versions.values():
                 mv.state = VersionState.UNAVAILABLE
                 mv.reason = "unloaded"
-            entry.refresh()
+            self.router.update(entry)
             log.info("model %s unloaded", name)
 
     async def close(self) -> None:
         """Drain and release every model."""
         for entry in list(self._models.values()):
             await _retire(entry)
+            self.router.forget(entry.name)
         self._models.clear()
-
-    def resolve(self, name: str, version: int | None = None) -> ModelVersion:
-        """The version that serves a request: the given one, else the highest ready one."""
-        entry = self._models.get(name)
-        if entry is None:
-            raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
-        if version is None:
-            default = entry.default
-            if default is not None and default.state is VersionState.READY:
-                return default
-            raise ModelNotReady(f"model '{name}' has no ready version: {self._why(entry)}")
-        mv = entry.versions.get(version)
-        if mv is None:
-            served = ", ".join(str(v) for v in sorted(entry.versions)) or "none"
-            raise ModelNotFound(
-                f"Request for unknown model: '{name}' version {version} is not found "
-                f"(served versions: {served})"
-            )
-        if mv.state is not VersionState.READY:
-            raise ModelNotReady(f"model '{name}' version {version} is not ready: {mv.reason}")
-        return mv
 
     def is_ready(self, strict: bool = False) -> bool:
         """Whether the server should take traffic.
@@ -218,13 +190,6 @@ class ModelRegistry:
             )
         return any(e.ready_versions() for e in entries)
 
-    @staticmethod
-    def _why(entry: ModelEntry) -> str:
-        if entry.error:
-            return entry.error
-        reasons = [f"v{v.version}: {v.reason}" for v in entry.versions.values() if v.reason]
-        return "; ".join(reasons) or "no versions"
-
     async def _build(self, name: str) -> ModelEntry:
         entry = ModelEntry(name)
         try:
@@ -233,7 +198,7 @@ class ModelRegistry:
         except RepositoryError as exc:
             entry.error = str(exc)
             return entry
-        selected = entry.config.version_policy.select(on_disk)
+        selected = self.router.select(entry.config.version_policy, on_disk)
         if not selected:
             entry.error = f"no version folder matches the version policy (on disk: {on_disk})"
             return entry
@@ -247,7 +212,10 @@ class ModelRegistry:
         mv = ModelVersion(name, version, config, config.signature(), VersionState.LOADING)
         loop = asyncio.get_running_loop()
         try:
-            mv.source = self.repository.read_version(name, version, config)
+            # Hashing the artifact reads the whole file: not on the event loop.
+            mv.source = await loop.run_in_executor(
+                self._executor, self.repository.read_version, name, version, config
+            )
             factory = RUNTIMES[mv.source.runtime]
             mv.runtime = await loop.run_in_executor(
                 self._executor, factory, mv.source.artifact, mv.signature, config.runtime_options

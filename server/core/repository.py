@@ -8,116 +8,16 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 
+from server.core.model_config import ModelConfig
 from server.core.runtimes import ARTIFACTS, RuntimeKind
-from server.core.signature import Datatype, Signature, TensorSpec
 from server.errors import ModelNotFound
 
 MODEL_FILE = "model.yaml"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class TensorConfig(_Strict):
-    """A tensor as declared in model.yaml."""
-
-    name: str = Field(min_length=1)
-    datatype: Datatype
-    shape: list[int] = Field(min_length=1)
-    feature_names: list[str] = Field(default_factory=list)
-    allow_nonfinite: bool = False
-
-    @model_validator(mode="after")
-    def _shape_and_features(self) -> Self:
-        if any(d < -1 for d in self.shape):
-            raise ValueError(f"shape {self.shape}: dimensions are >= 0, or -1 for variable")
-        if self.feature_names:
-            if len(self.shape) != 2 or self.shape[1] != len(self.feature_names):
-                raise ValueError(
-                    f"{len(self.feature_names)} feature_names need a 2-D shape "
-                    f"[-1, {len(self.feature_names)}], got {self.shape}"
-                )
-            if len(set(self.feature_names)) != len(self.feature_names):
-                raise ValueError("feature_names must be unique")
-        return self
-
-    def to_spec(self) -> TensorSpec:
-        return TensorSpec(
-            name=self.name,
-            datatype=self.datatype,
-            shape=tuple(self.shape),
-            feature_names=tuple(self.feature_names),
-            allow_nonfinite=self.allow_nonfinite,
-        )
-
-
-class BatchingConfig(_Strict):
-    """Dynamic micro-batching of concurrent requests (sizes count rows, not requests)."""
-
-    enabled: bool = True
-    max_batch_size: int = Field(default=64, ge=1, le=1_000_000)
-    max_queue_delay_ms: float = Field(default=1.0, ge=0, le=10_000)
-    max_queue_size: int = Field(default=1024, ge=1)
-    # None: one per inference thread. More than the threads only queues formed batches
-    # in the pool, where they stop collecting requests (at 64 clients on one CPU, 2
-    # batches in flight for 1 thread gave batches half the size and 15 % less throughput).
-    max_batches_in_flight: int | None = Field(default=None, ge=1, le=64)
-
-
-class VersionPolicy(_Strict):
-    """Which version folders are served: exactly one of the three forms."""
-
-    latest: int | None = Field(default=None, ge=1)
-    all: bool | None = None
-    specific: list[int] | None = Field(default=None, min_length=1)
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> Self:
-        chosen = [k for k in ("latest", "all", "specific") if getattr(self, k) not in (None, False)]
-        if len(chosen) > 1:
-            raise ValueError(f"use exactly one of latest / all / specific, got {chosen}")
-        return self
-
-    def select(self, available: list[int]) -> list[int]:
-        """The versions to serve, ascending."""
-        ordered = sorted(available)
-        if self.all:
-            return ordered
-        if self.specific is not None:
-            return [v for v in ordered if v in set(self.specific)]
-        return ordered[-(self.latest or 1) :]
-
-
-class ModelConfig(_Strict):
-    """The contents of one model.yaml."""
-
-    description: str = ""
-    runtime: RuntimeKind | None = None
-    inputs: list[TensorConfig] = Field(min_length=1)
-    outputs: list[TensorConfig] = Field(min_length=1)
-    runtime_options: dict[str, Any] = Field(default_factory=dict)
-    batching: BatchingConfig = Field(default_factory=BatchingConfig)
-    version_policy: VersionPolicy = Field(default_factory=lambda: VersionPolicy(latest=1))
-
-    @model_validator(mode="after")
-    def _unique_names(self) -> Self:
-        for kind, tensors in (("inputs", self.inputs), ("outputs", self.outputs)):
-            names = [t.name for t in tensors]
-            if len(set(names)) != len(names):
-                raise ValueError(f"{kind} names must be unique, got {names}")
-        return self
-
-    def signature(self) -> Signature:
-        return Signature(
-            inputs=tuple(t.to_spec() for t in self.inputs),
-            outputs=tuple(t.to_spec() for t in self.outputs),
-        )
 
 
 class RepositoryError(Exception):
@@ -156,7 +56,7 @@ class ModelRepository:
     def model_path(self, name: str) -> Path:
         path = self.root / name
         if "/" in name or name.startswith(".") or not (path / MODEL_FILE).is_file():
-            raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
+            raise ModelNotFound.model(name)
         return path
 
     def read_config(self, name: str) -> ModelConfig:

@@ -10,7 +10,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from server.core.registry import ModelRegistry, ModelVersion
+from server.core.registry import ModelVersion
+from server.core.routing import Route
 from server.core.signature import TensorSpec, validate_inputs
 from server.errors import InvalidInput, ModelNotReady, ServingError
 
@@ -50,15 +51,18 @@ class Observer(Protocol):
 
 
 class InferenceService:
-    """Resolves the version, validates, dispatches to its batcher and records stats."""
+    """Validates, dispatches to the chosen version's batcher, records stats, tells observers.
 
-    def __init__(self, registry: ModelRegistry, observers: Sequence[Observer] = ()) -> None:
-        self.registry = registry
+    The version is chosen before (``server.core.routing``); the data plane is
+    the only caller.
+    """
+
+    def __init__(self, observers: Sequence[Observer] = ()) -> None:
         self._observers = tuple(observers)
 
-    async def infer(self, request: InferenceRequest) -> InferenceResult:
+    async def infer(self, route: Route, request: InferenceRequest) -> InferenceResult:
         """Run one request; raises a ServingError subclass for anything the caller can fix."""
-        mv = self.registry.resolve(request.model, request.version)
+        mv = route.serving
         started = time.perf_counter_ns()
         try:
             result = await self._infer(mv, request)

@@ -1,6 +1,8 @@
-"""Builds the core (repository, thread pool, registry, service) and tears it down in order.
+"""Builds the core (repository, thread pool, router, registry, service, data plane)
+and tears it down in order.
 
-Both edges use it: the HTTP lifespan and the offline batch command.
+Every edge uses it: the HTTP lifespan, the offline batch command and
+``sluice models``.
 """
 
 from __future__ import annotations
@@ -10,16 +12,18 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from server.config import Settings
+from server.core.dataplane import DataPlane
 from server.core.monitoring.hub import Monitoring
 from server.core.registry import ModelRegistry
 from server.core.repository import ModelRepository
+from server.core.routing import Router
 from server.core.service import InferenceService, Observer
 
 
 @asynccontextmanager
-async def open_service(
+async def open_dataplane(
     settings: Settings, observers: tuple[Observer, ...] = (), monitoring: Monitoring | None = None
-) -> AsyncIterator[InferenceService]:
+) -> AsyncIterator[DataPlane]:
     """Load every model of the repository; on exit drain batchers and stop the pool.
 
     ``monitoring`` (metrics, drift, feedback, traces) closes after the last batch.
@@ -28,6 +32,7 @@ async def open_service(
     registry = ModelRegistry(
         ModelRepository(settings.model_repository),
         executor,
+        router=Router(),
         batching_enabled=settings.batching,
         executions=monitoring.executions if monitoring else (),
         tracer=monitoring.tracer if monitoring else None,
@@ -38,7 +43,13 @@ async def open_service(
         if monitoring is not None:
             monitoring.start(registry)
             observers = (*observers, *monitoring.observers)
-        yield InferenceService(registry, observers)
+        yield DataPlane(
+            registry,
+            InferenceService(observers),
+            strict_readiness=settings.strict_readiness,
+            repository_control=settings.repository_control,
+            monitoring=monitoring.worker if monitoring else None,
+        )
     finally:
         await registry.close()
         if monitoring is not None:

@@ -20,9 +20,6 @@ class Duration:
         self.count += count
         self.ns += ns
 
-    def to_dict(self) -> dict[str, int]:
-        return {"count": self.count, "ns": self.ns}
-
 
 @dataclass(slots=True)
 class BatchSizeStats:
@@ -78,31 +75,3 @@ class VersionStats:
         per_size.compute_infer.add(compute_ns)
         per_size.compute_input.add(0)
         per_size.compute_output.add(0)
-
-    def to_dict(self, name: str, version: int) -> dict[str, object]:
-        return {
-            "name": name,
-            "version": str(version),
-            "last_inference": self.last_inference_ms,
-            "inference_count": self.inference_count,
-            "execution_count": self.execution_count,
-            "inference_stats": {
-                "success": self.success.to_dict(),
-                "fail": self.fail.to_dict(),
-                "queue": self.queue.to_dict(),
-                "compute_input": self.compute_input.to_dict(),
-                "compute_infer": self.compute_infer.to_dict(),
-                "compute_output": self.compute_output.to_dict(),
-                "cache_hit": self.cache_hit.to_dict(),
-                "cache_miss": self.cache_miss.to_dict(),
-            },
-            "batch_stats": [
-                {
-                    "batch_size": size,
-                    "compute_input": s.compute_input.to_dict(),
-                    "compute_infer": s.compute_infer.to_dict(),
-                    "compute_output": s.compute_output.to_dict(),
-                }
-                for size, s in sorted(self.batches.items())
-            ],
-        }

@@ -1,24 +1,27 @@
-"""The Starlette application; its lifespan is the composition root."""
+"""The HTTP application: the Starlette router, the ASGI chain around it, and the
+lifespan, which is the composition root."""
 
 from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from server.config import Settings
-from server.core.stack import open_service
+from server.core.stack import open_dataplane
 from server.errors import ServingError
-from server.http.errors import error_response, serving_error_response
-from server.http.fastpath import InferFastPath, match_infer
+from server.http.chain import Layer, build_chain
+from server.http.errors import error_response, internal_error_response, serving_error_response
+from server.http.handle import PlaneHandle
+from server.http.infer import HotRoutes, InferEndpoint
 from server.http.monitoring import MonitoringApi
 from server.http.routes import V2Api
 from server.http.telemetry import EdgeTelemetry, TelemetryMiddleware
@@ -27,34 +30,25 @@ from server.telemetry import open_telemetry
 log = logging.getLogger("sluice.http")
 
 
-class SluiceApp(Starlette):
-    """Starlette, with ``POST`` to the infer routes answered before its middleware stack."""
+def create_app(settings: Settings, access: Sequence[Layer] = ()) -> ASGIApp:
+    """An ASGI app serving ``settings.model_repository``; models load in the lifespan.
 
-    fast: InferFastPath | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        fast = self.fast
-        if fast is not None and scope["type"] == "http" and scope["method"] == "POST":
-            target = match_infer(scope["path"])
-            if target is not None and not fast.edge.tracing:
-                await fast(scope, receive, send, target)
-                return
-        await super().__call__(scope, receive, send)
-
-
-def create_app(settings: Settings) -> SluiceApp:
-    """An ASGI app serving ``settings.model_repository``; models load in the lifespan."""
-    api = V2Api(settings)
-    monitoring_api = MonitoringApi(settings.max_request_bytes)
+    ``access`` are the layers between telemetry and the routes (authentication,
+    rate limiting), outermost first; they see every request, infer included.
+    """
+    handle = PlaneHandle()
+    endpoint = InferEndpoint(handle, settings.max_request_bytes, settings.retry_after_s)
+    api = V2Api(handle, endpoint, settings.max_request_bytes)
+    monitoring_api = MonitoringApi(handle, settings.max_request_bytes)
     edge = EdgeTelemetry()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with (
             open_telemetry(settings) as telemetry,
-            open_service(settings, monitoring=telemetry.monitoring) as service,
+            open_dataplane(settings, monitoring=telemetry.monitoring) as plane,
         ):
-            api.service = monitoring_api.service = service
+            handle.plane = plane
             monitoring_api.telemetry = telemetry
             monitoring = telemetry.monitoring
             if monitoring is not None:
@@ -64,15 +58,11 @@ def create_app(settings: Settings) -> SluiceApp:
             # milliseconds (p99 75 ms -> 11 ms under load when frozen out of the GC).
             gc.collect()
             gc.freeze()
-            log.info(
-                "serving %d model(s) from %s",
-                len(service.registry.models),
-                settings.model_repository,
-            )
+            log.info("serving %d model(s) from %s", len(plane.models()), settings.model_repository)
             try:
                 yield
             finally:
-                api.service = monitoring_api.service = None
+                handle.plane = None
                 edge.unbind()
 
     async def on_serving_error(request: Request, exc: Exception) -> Response:
@@ -90,12 +80,11 @@ def create_app(settings: Settings) -> SluiceApp:
         return error_response(exc.status_code, str(exc.detail), exc.headers)
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, f"internal error: {type(exc).__name__}")
+        # Starlette answers with this and re-raises; the chain's ErrorGuard logs it once.
+        return internal_error_response(exc)
 
-    app = SluiceApp(
+    router = Starlette(
         routes=[*api.routes(), *monitoring_api.routes()],
-        middleware=[Middleware(TelemetryMiddleware, edge)] if settings.telemetry.enabled else [],
         lifespan=lifespan,
         exception_handlers={
             ServingError: on_serving_error,
@@ -103,7 +92,11 @@ def create_app(settings: Settings) -> SluiceApp:
             Exception: on_unexpected,
         },
     )
-    app.state.api = api
-    if settings.http_fast_path:
-        app.fast = InferFastPath(api, edge, settings.retry_after_s)
-    return app
+    return build_chain(
+        router,
+        telemetry=partial(TelemetryMiddleware, edge=edge) if settings.telemetry.enabled else None,
+        access=access,
+        hot=partial(HotRoutes, endpoint=endpoint, routes=api.infer_routes)
+        if settings.http_fast_path
+        else None,
+    )

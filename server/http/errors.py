@@ -45,3 +45,8 @@ def serving_error_response(exc: ServingError, retry_after_s: int) -> Response:
     if isinstance(exc, Overloaded | ModelNotReady):
         headers = {"Retry-After": str(max(retry_after_s, round(exc.retry_after_s)))}
     return error_response(status, exc.message, headers)
+
+
+def internal_error_response(exc: BaseException) -> Response:
+    """A 500 that names the exception's type and nothing else (no traceback, no message)."""
+    return error_response(500, f"internal error: {type(exc).__name__}")

@@ -1,12 +1,14 @@
-"""JSON documents of the V2 protocol and its Triton extensions, built from registry state."""
+"""JSON documents of the V2 protocol and its Triton extensions, rendered from the
+data plane's typed views."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from server.core.registry import ModelEntry, ModelVersion, VersionState
-from server.core.repository import ModelConfig
+from server.core.catalog import IndexEntry, ModelInfo, VersionStatistics
+from server.core.model_config import ModelConfig
 from server.core.signature import CONFIG_TYPE_NAMES, TensorSpec
+from server.core.stats import Duration
 
 EXTENSIONS = [
     "binary_tensor_data",
@@ -16,54 +18,42 @@ EXTENSIONS = [
     "statistics",
 ]
 
-_PLATFORMS = {"onnx": "onnxruntime_onnx", "xgboost": "xgboost_ubj"}
 
-
-def platform_of(entry: ModelEntry, mv: ModelVersion | None) -> str:
-    if mv is not None and mv.platform:
-        return mv.platform
-    if mv is not None and mv.source is not None:
-        return _PLATFORMS[mv.source.runtime.value]
-    if entry.config is not None and entry.config.runtime is not None:
-        return _PLATFORMS[entry.config.runtime.value]
-    return "unknown"
-
-
-def model_metadata(
-    entry: ModelEntry, mv: ModelVersion | None, versioned: bool = False
-) -> dict[str, Any]:
-    """``GET /v2/models/{m}[/versions/{v}]``; ``mv`` is the version that would answer."""
+def model_metadata(info: ModelInfo, versioned: bool = False) -> dict[str, Any]:
+    """``GET /v2/models/{m}[/versions/{v}]``; ``info.chosen`` is the version that would answer."""
+    mv = info.chosen
     if versioned and mv is not None:
         versions = [str(mv.version)]
     else:
-        versions = [str(v) for v in sorted(entry.versions)]
-    doc: dict[str, Any] = {"name": entry.name, "versions": versions}
-    doc["platform"] = platform_of(entry, mv)
-    config = entry.config
-    doc["inputs"] = [t.to_spec().to_metadata() for t in config.inputs] if config else []
-    doc["outputs"] = [t.to_spec().to_metadata() for t in config.outputs] if config else []
-    properties = {"description": config.description if config else ""}
+        versions = [str(v.version) for v in info.versions]
+    properties = {"description": info.description}
     if mv is not None:
         properties.update(
             version=str(mv.version), state=mv.state.value, reason=mv.reason, sha256=mv.sha256
         )
     else:
-        properties.update(state="UNAVAILABLE", reason=entry.error or "no ready version")
-    doc["properties"] = properties
-    return doc
+        properties.update(state="UNAVAILABLE", reason=info.error or "no ready version")
+    return {
+        "name": info.name,
+        "versions": versions,
+        "platform": info.platform,
+        "inputs": [s.to_metadata() for s in info.inputs],
+        "outputs": [s.to_metadata() for s in info.outputs],
+        "properties": properties,
+    }
 
 
-def model_config(entry: ModelEntry, mv: ModelVersion | None) -> dict[str, Any]:
+def model_config(info: ModelInfo) -> dict[str, Any]:
     """Triton ``ModelConfig`` JSON, as perf_analyzer and tritonclient read it."""
-    config = entry.config
+    config = info.config
     if config is None:
-        return {"name": entry.name, "platform": "unknown", "max_batch_size": 0}
+        return {"name": info.name, "platform": "unknown", "max_batch_size": 0}
     signature = config.signature()
     batched = signature.batched
     doc: dict[str, Any] = {
-        "name": entry.name,
-        "platform": platform_of(entry, mv),
-        "backend": config.runtime.value if config.runtime else platform_of(entry, mv),
+        "name": info.name,
+        "platform": info.platform,
+        "backend": config.runtime.value if config.runtime else info.platform,
         "max_batch_size": config.batching.max_batch_size if batched else 0,
         "input": [_config_tensor(s, batched) for s in signature.inputs],
         "output": [_config_tensor(s, batched) for s in signature.outputs],
@@ -94,30 +84,49 @@ def _version_policy(config: ModelConfig) -> dict[str, Any]:
     return {"latest": {"num_versions": policy.latest or 1}}
 
 
-def repository_index(models: dict[str, ModelEntry], names: list[str]) -> list[dict[str, str]]:
+def repository_index(rows: list[IndexEntry]) -> list[dict[str, str]]:
     """``POST /v2/repository/index``: one row per version, plus models not loaded at all."""
-    rows = []
-    for name in sorted(set(names) | set(models)):
-        entry = models.get(name)
-        if entry is None:
-            rows.append(
-                {"name": name, "version": "", "state": "UNAVAILABLE", "reason": "not loaded"}
-            )
-            continue
-        if not entry.versions:
-            reason = entry.error or "no versions"
-            rows.append({"name": name, "version": "", "state": "UNAVAILABLE", "reason": reason})
-        for version, mv in sorted(entry.versions.items()):
-            rows.append(
-                {
-                    "name": name,
-                    "version": str(version),
-                    "state": mv.state.value,
-                    "reason": mv.reason,
-                }
-            )
-    return rows
+    return [
+        {
+            "name": row.model,
+            "version": "" if row.version is None else str(row.version),
+            "state": row.state.value,
+            "reason": row.reason,
+        }
+        for row in rows
+    ]
 
 
-def is_version_ready(mv: ModelVersion) -> bool:
-    return mv.state is VersionState.READY
+def _duration(d: Duration) -> dict[str, int]:
+    return {"count": d.count, "ns": d.ns}
+
+
+def statistics(found: VersionStatistics) -> dict[str, object]:
+    """One version in the shape of Triton's statistics extension."""
+    s = found.stats
+    return {
+        "name": found.model,
+        "version": str(found.version),
+        "last_inference": s.last_inference_ms,
+        "inference_count": s.inference_count,
+        "execution_count": s.execution_count,
+        "inference_stats": {
+            "success": _duration(s.success),
+            "fail": _duration(s.fail),
+            "queue": _duration(s.queue),
+            "compute_input": _duration(s.compute_input),
+            "compute_infer": _duration(s.compute_infer),
+            "compute_output": _duration(s.compute_output),
+            "cache_hit": _duration(s.cache_hit),
+            "cache_miss": _duration(s.cache_miss),
+        },
+        "batch_stats": [
+            {
+                "batch_size": size,
+                "compute_input": _duration(b.compute_input),
+                "compute_infer": _duration(b.compute_infer),
+                "compute_output": _duration(b.compute_output),
+            }
+            for size, b in sorted(s.batches.items())
+        ],
+    }

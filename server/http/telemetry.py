@@ -106,10 +106,6 @@ class EdgeTelemetry:
             self._attributes[key] = cached
         return cached
 
-    @property
-    def tracing(self) -> bool:
-        return self._tracer is not None
-
     def observe(self, key: _Key, seconds: float) -> None:
         """One finished request: a dict lookup and a bisect once the series exists."""
         series = self._series.get(key)

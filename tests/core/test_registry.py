@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 from factory import onnx_config, train_xgboost, write_yaml, xgboost_config
 
-from server.core.registry import ModelRegistry, VersionState
+from server.core.catalog import VersionState
+from server.core.registry import ModelRegistry, ModelVersion
 from server.core.repository import ModelRepository
+from server.core.routing import Router
 from server.errors import ModelNotFound, ModelNotReady
 
 
@@ -31,19 +33,24 @@ async def executor() -> AsyncIterator[ThreadPoolExecutor]:
 
 
 async def load(root: Path, executor: ThreadPoolExecutor) -> ModelRegistry:
-    registry = ModelRegistry(ModelRepository(root), executor)
+    registry = ModelRegistry(ModelRepository(root), executor, router=Router())
     await registry.load_all()
     return registry
+
+
+def resolve(registry: ModelRegistry, name: str, version: int | None = None) -> ModelVersion:
+    """The version the router sends a request for ``name`` (at ``version``) to."""
+    return registry.router.choose(name, version).serving
 
 
 async def test_all_versions_load_with_digests(repo: Path, executor: ThreadPoolExecutor) -> None:
     registry = await load(repo, executor)
     assert sorted(registry.models) == ["linear", "tree"]
-    mv = registry.resolve("tree")
+    mv = resolve(registry, "tree")
     assert mv.version == 2, "the unversioned route goes to the highest ready version"
     artifact = repo / "tree" / "2" / "model.ubj"
     assert mv.sha256 == hashlib.sha256(artifact.read_bytes()).hexdigest()
-    assert registry.resolve("linear", 1).platform == "onnxruntime_onnx"
+    assert resolve(registry, "linear", 1).platform == "onnxruntime_onnx"
     await registry.close()
 
 
@@ -52,12 +59,12 @@ async def test_broken_model_yaml_does_not_take_down_others(
 ) -> None:
     (repo / "tree" / "model.yaml").write_text("inputs: [{name: x, datatype: FP99, shape: [1]}]")
     registry = await load(repo, executor)
-    assert registry.resolve("linear").state is VersionState.READY
+    assert resolve(registry, "linear").state is VersionState.READY
     entry = registry.models["tree"]
     assert "model.yaml" in entry.error
     assert "inputs.0.datatype" in entry.error
     with pytest.raises(ModelNotReady, match=r"FP99|datatype"):
-        registry.resolve("tree")
+        resolve(registry, "tree")
     assert registry.is_ready()
     assert not registry.is_ready(strict=True)
     await registry.close()
@@ -71,9 +78,9 @@ async def test_corrupt_artifact_marks_only_that_version(
     broken = registry.models["tree"].versions[2]
     assert broken.state is VersionState.UNAVAILABLE
     assert "cannot load XGBoost model" in broken.reason
-    assert registry.resolve("tree").version == 1, "falls back to the ready version"
+    assert resolve(registry, "tree").version == 1, "falls back to the ready version"
     with pytest.raises(ModelNotReady, match="version 2 is not ready"):
-        registry.resolve("tree", 2)
+        resolve(registry, "tree", 2)
     await registry.close()
 
 
@@ -96,7 +103,7 @@ async def test_runtime_inferred_and_conflicts_reported(
     write_yaml(repo / "tree" / "model.yaml", doc)
     write_yaml(repo / "linear" / "model.yaml", onnx_config(runtime="xgboost"))
     registry = await load(repo, executor)
-    assert registry.resolve("tree").platform == "xgboost_ubj"
+    assert resolve(registry, "tree").platform == "xgboost_ubj"
     assert "model.yaml says runtime 'xgboost'" in registry.models["linear"].versions[1].reason
     await registry.close()
 
@@ -109,7 +116,7 @@ async def test_version_policy_latest_and_specific(repo: Path, executor: ThreadPo
     assert sorted(registry.models["tree"].versions) == [2, 3]
     assert sorted(registry.models["linear"].versions) == [1]
     with pytest.raises(ModelNotFound, match="served versions: 1"):
-        registry.resolve("linear", 2)
+        resolve(registry, "linear", 2)
     await registry.close()
 
 
@@ -125,10 +132,10 @@ async def test_unload_and_reload(repo: Path, executor: ThreadPoolExecutor) -> No
     registry = await load(repo, executor)
     await registry.unload("tree")
     with pytest.raises(ModelNotReady):
-        registry.resolve("tree")
+        resolve(registry, "tree")
     assert registry.is_ready(), "an unloaded model does not make the server unready"
     await registry.load("tree")
-    assert registry.resolve("tree").state is VersionState.READY
+    assert resolve(registry, "tree").state is VersionState.READY
     with pytest.raises(ModelNotFound):
         await registry.load("nope")
     await registry.close()

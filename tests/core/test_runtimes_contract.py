@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from factory import FEATURES, onnx_config, train_onnx, train_xgboost, xgboost_config
 
-from server.core.repository import ModelConfig
+from server.core.model_config import ModelConfig
 from server.core.runtimes import RUNTIMES, Runtime, RuntimeKind, SignatureMismatch
 
 CASES: dict[str, tuple[RuntimeKind, Callable[[Path], None], dict[str, object], str]] = {

@@ -10,7 +10,7 @@ import pytest
 import xgboost as xgb
 from factory import FEATURES, train_xgboost, xgboost_config
 
-from server.core.repository import ModelConfig
+from server.core.model_config import ModelConfig
 from server.core.runtimes.xgboost import XGBoostRuntime
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from monitoring_support import MODEL, build_credit, infer_body, sample
+from monitoring_support import MODEL, build_credit, infer_body, lifespan, sample
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
@@ -194,7 +194,7 @@ async def test_concurrent_requests_are_each_counted_once(credit_repo: Path) -> N
     bodies = [infer_body(sample(rows, seed=i)) for i, rows in enumerate(sizes)]
     transport = httpx.ASGITransport(app=app)
     async with (
-        app.router.lifespan_context(app),
+        lifespan(app),
         httpx.AsyncClient(transport=transport, base_url="http://sluice") as client,
     ):
         answers = await asyncio.gather(

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from monitoring_support import MODEL, build_credit, infer_body, sample
+from monitoring_support import MODEL, build_credit, infer_body, lifespan, sample
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.config import DriftSettings, Settings
@@ -28,7 +28,7 @@ async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings)
     transport = httpx.ASGITransport(app=app)
     async with (
-        app.router.lifespan_context(app),
+        lifespan(app),
         httpx.AsyncClient(transport=transport, base_url="http://sluice") as client,
     ):
         yield client

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from server.core.runtimes import onnx, xgboost
 from server.core.runtimes.base import Runtime, RuntimeFactory, SignatureMismatch
 from server.core.runtimes.onnx import OnnxRuntime
 from server.core.runtimes.xgboost import XGBoostRuntime
@@ -19,11 +20,28 @@ RUNTIMES: dict[RuntimeKind, RuntimeFactory] = {
     RuntimeKind.XGBOOST: XGBoostRuntime,
 }
 
-# Artifact file name -> runtime. Pickle-based formats are deliberately absent.
+# Artifact file name -> platform, as each runtime names its own. Pickle-based formats
+# are deliberately absent.
+PLATFORMS: dict[str, str] = {**onnx.PLATFORMS, **xgboost.PLATFORMS}
+
+# Artifact file name -> runtime.
 ARTIFACTS: dict[str, RuntimeKind] = {
-    "model.onnx": RuntimeKind.ONNX,
-    "model.ubj": RuntimeKind.XGBOOST,
-    "model.json": RuntimeKind.XGBOOST,
+    **dict.fromkeys(onnx.PLATFORMS, RuntimeKind.ONNX),
+    **dict.fromkeys(xgboost.PLATFORMS, RuntimeKind.XGBOOST),
 }
 
-__all__ = ["ARTIFACTS", "RUNTIMES", "Runtime", "RuntimeKind", "SignatureMismatch"]
+# A runtime's platform when no artifact is known (a version that was never found).
+DEFAULT_PLATFORMS: dict[RuntimeKind, str] = {
+    RuntimeKind.ONNX: OnnxRuntime.platform,
+    RuntimeKind.XGBOOST: XGBoostRuntime.platform,
+}
+
+__all__ = [
+    "ARTIFACTS",
+    "DEFAULT_PLATFORMS",
+    "PLATFORMS",
+    "RUNTIMES",
+    "Runtime",
+    "RuntimeKind",
+    "SignatureMismatch",
+]

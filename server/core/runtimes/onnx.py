@@ -38,11 +38,14 @@ GRAPH_OPTIMIZATION = {
 
 _OPTIONS = {"intra_op_threads", "inter_op_threads", "graph_optimization"}
 
+# Artifact file name -> the platform string V2 metadata and Triton's config report.
+PLATFORMS = {"model.onnx": "onnxruntime_onnx"}
+
 
 class OnnxRuntime:
     """Wraps an ``onnxruntime.InferenceSession``; ``run`` is thread-safe."""
 
-    platform = "onnxruntime_onnx"
+    platform = PLATFORMS["model.onnx"]
 
     def __init__(self, artifact: Path, signature: Signature, options: Mapping[str, Any]) -> None:
         unknown = set(options) - _OPTIONS

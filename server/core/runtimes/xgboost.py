@@ -26,10 +26,14 @@ class XGBoostOutput(StrEnum):
     MARGIN = "margin"
 
 
+# Artifact file name -> the platform string V2 metadata and Triton's config report.
+PLATFORMS = {"model.ubj": "xgboost_ubj", "model.json": "xgboost_json"}
+
+
 class XGBoostRuntime:
     """One Booster per model version; ``inplace_predict`` is thread-safe."""
 
-    platform = "xgboost_ubj"
+    platform = PLATFORMS["model.ubj"]
 
     def __init__(self, artifact: Path, signature: Signature, options: Mapping[str, Any]) -> None:
         unknown = set(options) - {"output", "threads"}
@@ -47,7 +51,7 @@ class XGBoostRuntime:
             self._booster.set_param({"nthread": int(options.get("threads", 1))})
         except xgb.core.XGBoostError as exc:
             raise SignatureMismatch(f"cannot load XGBoost model {artifact.name}: {exc}") from exc
-        self.platform = "xgboost_json" if artifact.suffix == ".json" else "xgboost_ubj"
+        self.platform = PLATFORMS.get(artifact.name, self.platform)
         self._check(signature)
         self._input = signature.inputs[0].name
         self._output_name = signature.outputs[0].name
