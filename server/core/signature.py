@@ -53,20 +53,26 @@ CONFIG_TYPE_NAMES: dict[Datatype, str] = {
 }
 
 
+# Both read on every request: a dict lookup instead of an enum call or a walk.
+_BY_NAME: dict[object, Datatype] = {dt.value: dt for dt in Datatype}
+_BY_DTYPE: dict[np.dtype[np.generic], Datatype] = {dtype: dt for dt, dtype in NUMPY_DTYPES.items()}
+
+
 def parse_datatype(value: str, where: str) -> Datatype:
     """Return the Datatype for a V2 string, or raise InvalidInput naming ``where``."""
-    try:
-        return Datatype(value)
-    except ValueError:
+    found = _BY_NAME.get(value) if isinstance(value, str) else None
+    if found is None:
         allowed = ", ".join(d.value for d in Datatype)
-        raise InvalidInput(
-            f"{where}: unknown datatype {value!r} (expected one of {allowed})"
-        ) from None
+        raise InvalidInput(f"{where}: unknown datatype {value!r} (expected one of {allowed})")
+    return found
 
 
 def datatype_of(array: np.ndarray) -> Datatype:
     """The V2 datatype of a numpy array (object arrays are BYTES)."""
-    for dt, np_dtype in NUMPY_DTYPES.items():
+    found = _BY_DTYPE.get(array.dtype)
+    if found is not None:
+        return found
+    for dt, np_dtype in NUMPY_DTYPES.items():  # e.g. an explicitly little-endian dtype
         if array.dtype == np_dtype:
             return dt
     raise InvalidInput(f"unsupported numpy dtype {array.dtype}")
@@ -168,9 +174,7 @@ def _check_tensor(model: str, spec: TensorSpec, array: np.ndarray) -> None:
             f"model '{model}': input '{spec.name}' has datatype {got.value}, "
             f"expected {spec.datatype.value}"
         )
-    if len(array.shape) != len(spec.shape) or any(
-        want not in (-1, have) for want, have in zip(spec.shape, array.shape, strict=True)
-    ):
+    if not _shape_fits(spec.shape, array.shape):
         raise InvalidInput(
             f"model '{model}': input '{spec.name}' has shape {list(array.shape)}, "
             f"expected {list(spec.shape)} (-1 = any size)"
@@ -186,6 +190,15 @@ def _check_tensor(model: str, spec: TensorSpec, array: np.ndarray) -> None:
                 f"model '{model}': input '{spec.name}' has a non-finite value "
                 f"({array[position]!r}) at {where}; this model does not accept NaN or infinity"
             )
+
+
+def _shape_fits(wanted: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    if len(wanted) != len(shape):
+        return False
+    for want, have in zip(wanted, shape, strict=True):  # noqa: SIM110 (no generator per request)
+        if want != have and want != -1:
+            return False
+    return True
 
 
 def _element_name(spec: TensorSpec, position: Sequence[int]) -> str:

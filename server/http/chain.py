@@ -45,23 +45,36 @@ def build_chain(
     return app
 
 
-class _Progress:
-    """Forwards ``send`` and remembers how far the answer got."""
+class ResponseRecorder:
+    """Forwards ``send`` and remembers the status and whether the answer is complete.
 
-    __slots__ = ("finished", "send", "started")
+    One per request, made by the outermost layer; an inner layer that needs the
+    status (telemetry) finds it as the ``send`` it is given instead of wrapping
+    ``send`` again (see ``of``). Never stored in the scope: the scope, the
+    server's ``send`` and this would form a cycle that only the garbage
+    collector frees. A plain callable returning ``send``'s awaitable: a closure
+    with an async wrapper costs a function, a cell and a coroutine per message.
+    """
+
+    __slots__ = ("finished", "send", "status")
 
     def __init__(self, send: Send) -> None:
         self.send = send
-        self.started = False
+        self.status = 0  # 0 until the answer starts
         self.finished = False
 
     def __call__(self, message: Message) -> Awaitable[None]:
         kind = message["type"]
         if kind == "http.response.start":
-            self.started = True
+            self.status = message["status"]
         elif kind == "http.response.body" and not message.get("more_body", False):
             self.finished = True
         return self.send(message)
+
+    @classmethod
+    def of(cls, send: Send) -> ResponseRecorder:
+        """``send`` itself when an outer layer already records, else a recorder around it."""
+        return send if isinstance(send, ResponseRecorder) else cls(send)
 
 
 class ErrorGuard:
@@ -79,12 +92,12 @@ class ErrorGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        progress = _Progress(send)
+        recorder = ResponseRecorder.of(send)
         try:
-            await self.app(scope, receive, progress)
+            await self.app(scope, receive, recorder)
         except Exception as exc:
             log.exception("unexpected error on %s %s", scope["method"], scope["path"])
-            if not progress.started:
+            if not recorder.status:
                 await internal_error_response(exc)(scope, receive, send)
-            elif not progress.finished:
+            elif not recorder.finished:
                 raise

@@ -29,7 +29,6 @@ ROUTE = "/v2/models/{name}/infer"
 VERSIONED_ROUTE = "/v2/models/{name}/versions/{version}/infer"
 _PREFIX = "/v2/models/"
 _SUFFIX = "/infer"
-_JSON = "application/json"
 _COMPRESS_ABOVE = 4096
 _HEADER_LENGTH = HEADER_LENGTH.encode()
 _WANTED = frozenset({b"content-length", b"content-encoding", b"accept-encoding", _HEADER_LENGTH})
@@ -53,44 +52,39 @@ class InferEndpoint:
         self.retry_after_s = retry_after_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # One frame on purpose: this runs for every prediction.
         try:
-            response = await self._answer(scope, receive)
+            params = scope["path_params"]
+            name = params["name"]
+            version = parse_version(params.get("version"))
+            plane = self.handle.get()
+            # Unknown and unready models are refused before the body is read.
+            route = plane.route(name, version)
+            headers = {k: v.decode("latin-1") for k, v in scope["headers"] if k in _WANTED}
+            body = await read_body(receive, headers.get(b"content-length"), self.limit)
+            if isinstance(body, Response):
+                await body(scope, receive, send)
+                return
+            body = decompress(body, headers.get(b"content-encoding"), self.limit)
+            decoded = decode_infer(body, headers.get(_HEADER_LENGTH), name, version)
+            result = await plane.infer(decoded.request, route)
         except ClientDisconnect:
             return  # nobody to answer
         except ServingError as exc:
-            response = serving_error_response(exc, self.retry_after_s)
-        if isinstance(response, Response):
-            await response(scope, receive, send)
+            await serving_error_response(exc, self.retry_after_s)(scope, receive, send)
             return
-        await send({"type": "http.response.start", "status": 200, "headers": response[0]})
-        await send({"type": "http.response.body", "body": response[1]})
-
-    async def _answer(
-        self, scope: Scope, receive: Receive
-    ) -> Response | tuple[list[tuple[bytes, bytes]], bytes]:
-        params = scope["path_params"]
-        name = params["name"]
-        version = parse_version(params.get("version"))
-        plane = self.handle.get()
-        # Unknown and unready models are refused before the body is read.
-        route = plane.route(name, version)
-        headers = {k: v.decode("latin-1") for k, v in scope["headers"] if k in _WANTED}
-        body = await read_body(receive, headers.get(b"content-length"), self.limit)
-        if isinstance(body, Response):
-            return body
-        body = decompress(body, headers.get(b"content-encoding"), self.limit)
-        decoded = decode_infer(body, headers.get(_HEADER_LENGTH), name, version)
-        result = await plane.infer(decoded.request, route)
         payload, binary_header = encode_infer(result, decoded)
-        raw = [(b"content-type", _JSON.encode())]
-        if binary_header is not None:
+        if binary_header is None:
+            raw = [(b"content-type", b"application/json")]
+        else:
             raw = [
                 (b"content-type", b"application/octet-stream"),
                 (b"inference-header-content-length", str(binary_header).encode()),
             ]
         payload = _compress(payload, headers.get(b"accept-encoding", ""), raw)
         raw.append((b"content-length", str(len(payload)).encode()))
-        return raw, payload
+        await send({"type": "http.response.start", "status": 200, "headers": raw})
+        await send({"type": "http.response.body", "body": payload})
 
 
 class HotRoutes:
@@ -107,23 +101,19 @@ class HotRoutes:
         self.route, self.versioned = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = self._match(scope) if scope["type"] == "http" else None
-        if match is None:
-            await self.app(scope, receive, send)
-            return
-        scope["path_params"], scope["route"] = match
-        await self.endpoint(scope, receive, send)
-
-    def _match(self, scope: Scope) -> tuple[dict[str, str], Route] | None:
-        path = scope["path"]
-        if scope["method"] != "POST" or not path.startswith(_PREFIX) or not path.endswith(_SUFFIX):
-            return None
-        parts = path[len(_PREFIX) : -len(_SUFFIX)].split("/")
-        if len(parts) == 1 and parts[0]:
-            return {"name": parts[0]}, self.route
-        if len(parts) == 3 and parts[1] == "versions" and parts[0] and parts[2]:
-            return {"name": parts[0], "version": parts[2]}, self.versioned
-        return None
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            if path.startswith(_PREFIX) and path.endswith(_SUFFIX):
+                parts = path[len(_PREFIX) : -len(_SUFFIX)].split("/")
+                if len(parts) == 1 and parts[0]:
+                    scope["path_params"] = {"name": parts[0]}
+                    scope["route"] = self.route
+                    return await self.endpoint(scope, receive, send)
+                if len(parts) == 3 and parts[1] == "versions" and parts[0] and parts[2]:
+                    scope["path_params"] = {"name": parts[0], "version": parts[2]}
+                    scope["route"] = self.versioned
+                    return await self.endpoint(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 def infer_routes(endpoint: InferEndpoint) -> tuple[Route, Route]:

@@ -11,7 +11,6 @@ tracing on (exemplars) or delta export the SDK histogram records instead.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable
 from contextvars import Token
 from typing import Any
 
@@ -23,9 +22,10 @@ from opentelemetry.propagate import extract
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Span, SpanKind, Tracer
 from opentelemetry.trace.status import Status, StatusCode
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.core.monitoring.histogram import HistogramSeries, LocalHistogram
+from server.http.chain import ResponseRecorder
 from server.metric_bridge import MetricBridge
 
 # Seconds, suited to millisecond latencies: 0.5 ms up to 10 s.
@@ -119,26 +119,6 @@ class EdgeTelemetry:
         series.observe(seconds)
 
 
-class _StatusSend:
-    """Forwards messages to ``send`` and keeps the response status.
-
-    A plain callable returning ``send``'s awaitable: a closure with an async
-    wrapper cost a function, a cell and a coroutine per message, and the
-    garbage collector runs once per 700 such objects.
-    """
-
-    __slots__ = ("send", "status")
-
-    def __init__(self, send: Send) -> None:
-        self.send = send
-        self.status = 0
-
-    def __call__(self, message: Message) -> Awaitable[None]:
-        if message["type"] == "http.response.start":
-            self.status = message["status"]
-        return self.send(message)
-
-
 class TelemetryMiddleware:
     """Pure ASGI middleware (no BaseHTTPMiddleware: it would buffer and re-task requests)."""
 
@@ -152,10 +132,14 @@ class TelemetryMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        recorder = _StatusSend(send)
-        method = scope["method"] if scope["method"] in KNOWN_METHODS else "_OTHER"
+        recorder = ResponseRecorder.of(send)  # the ErrorGuard's, outside this layer
+        method = scope["method"]
+        if method not in KNOWN_METHODS:
+            method = "_OTHER"
         tracer = edge._tracer
-        span, token = (None, None) if tracer is None else _start_span(tracer, scope, method)
+        span = token = None
+        if tracer is not None:
+            span, token = _start_span(tracer, scope, method)
         error: str | None = None
         try:
             await self.app(scope, receive, recorder)

@@ -8,15 +8,13 @@ make the live AUC collapse.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,7 +23,6 @@ import httpx
 import numpy as np
 import orjson
 import yaml
-from starlette.types import ASGIApp, Message
 
 from server.core.monitoring.quality import accuracy, log_loss, roc_auc
 from server.core.monitoring.reference import build_reference
@@ -196,22 +193,3 @@ def start_server(repo: Path, log: Path, env: dict[str, str]) -> Server:
         server.stop()
         raise
     return server
-
-
-@asynccontextmanager
-async def lifespan(app: ASGIApp) -> AsyncIterator[None]:
-    """Run an ASGI app's lifespan as a server does: startup before, shutdown after."""
-    inbox: asyncio.Queue[Message] = asyncio.Queue()
-    outbox: asyncio.Queue[Message] = asyncio.Queue()
-    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
-    task = asyncio.create_task(app(scope, inbox.get, outbox.put))
-    await inbox.put({"type": "lifespan.startup"})
-    started = await outbox.get()
-    assert started["type"] == "lifespan.startup.complete", started
-    try:
-        yield
-    finally:
-        await inbox.put({"type": "lifespan.shutdown"})
-        stopped = await outbox.get()
-        await task
-        assert stopped["type"] == "lifespan.shutdown.complete", stopped

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from monitoring_support import MODEL, build_credit, infer_body, lifespan, sample
+from asgi_support import lifespan
+from monitoring_support import MODEL, build_credit, infer_body, sample
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (

@@ -11,7 +11,8 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from monitoring_support import MODEL, build_credit, infer_body, lifespan, sample
+from asgi_support import lifespan
+from monitoring_support import MODEL, build_credit, infer_body, sample
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.config import DriftSettings, Settings

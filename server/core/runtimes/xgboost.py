@@ -191,9 +191,12 @@ class _DensePredictor:
             )
         )
         out_shape = tuple(shape[i] for i in range(dims.value))
-        count = int(np.prod(out_shape))
-        # The buffer belongs to the booster's per-thread scratch space: copy it now.
-        return np.ctypeslib.as_array(result, shape=(count,)).reshape(out_shape).copy()
+        out = np.empty(out_shape, dtype=np.float32)
+        # The buffer belongs to the booster's per-thread scratch space: copy it now. A
+        # memmove, not np.ctypeslib.as_array: its ctypes.cast leaves a reference cycle
+        # per call (two objects for the garbage collector per request).
+        ctypes.memmove(out.ctypes.data, result, out.nbytes)
+        return out
 
     def _check(self, code: int) -> None:
         if code != 0:
