@@ -35,7 +35,9 @@ def row_bytes(inputs: Mapping[str, np.ndarray], rows: int) -> list[bytes]:
     for name, array in inputs.items():
         if array.ndim == 0 or array.shape[0] != rows:
             raise ValueError(f"input '{name}' has no leading dimension of {rows} rows")
-        datatype = datatype_of(array)
+        datatype = datatype_of(
+            array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
+        )
         header = _header(name, datatype, array.shape[1:])
         if datatype is Datatype.BYTES:
             for index in range(rows):

@@ -16,6 +16,7 @@ import orjson
 
 from server.core.service import InferenceRequest, InferenceResult
 from server.core.signature import FLOAT_TYPES, NUMPY_DTYPES, Datatype, parse_datatype
+from server.core.tensors import tensor_bytes
 from server.errors import InvalidInput
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -286,7 +287,7 @@ def encode_infer(result: InferenceResult, decoded: DecodedInfer) -> tuple[bytes,
             "shape": list(array.shape),
         }
         if decoded.wants_binary(spec.name):
-            blob = _to_binary(spec.datatype, array)
+            blob = tensor_bytes(spec.datatype, array)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         elif spec.datatype is Datatype.BYTES:
@@ -304,17 +305,6 @@ def encode_infer(result: InferenceResult, decoded: DecodedInfer) -> tuple[bytes,
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)
-
-
-def _to_binary(datatype: Datatype, array: np.ndarray) -> bytes:
-    if datatype is Datatype.BYTES:
-        parts = []
-        for value in array.reshape(-1):
-            raw = value if isinstance(value, bytes) else str(value).encode()
-            parts.append(len(raw).to_bytes(4, "little"))
-            parts.append(raw)
-        return b"".join(parts)
-    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
 
 
 def _bytes_text(value: Any) -> str:

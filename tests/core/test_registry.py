@@ -12,9 +12,11 @@ import pytest
 from factory import onnx_config, train_xgboost, write_yaml, xgboost_config
 
 from server.core.catalog import VersionState
+from server.core.dataplane import DataPlane
 from server.core.registry import ModelRegistry, ModelVersion
 from server.core.repository import ModelRepository
 from server.core.routing import Router
+from server.core.service import InferenceService
 from server.errors import ModelNotFound, ModelNotReady
 
 
@@ -138,4 +140,25 @@ async def test_unload_and_reload(repo: Path, executor: ThreadPoolExecutor) -> No
     assert resolve(registry, "tree").state is VersionState.READY
     with pytest.raises(ModelNotFound):
         await registry.load("nope")
+    await registry.close()
+
+
+async def test_a_json_booster_reports_its_own_platform(
+    repo: Path, executor: ThreadPoolExecutor
+) -> None:
+    import xgboost as xgb
+
+    version = repo / "tree" / "2"
+    xgb.Booster(model_file=str(version / "model.ubj")).save_model(str(version / "model.json"))
+    (version / "model.ubj").unlink()
+    (repo / "tree" / "3").mkdir()
+    (repo / "tree" / "3" / "model.json").write_text("{not json")
+    write_yaml(repo / "tree" / "model.yaml", xgboost_config(version_policy={"all": True}))
+    registry = await load(repo, executor)
+    assert resolve(registry, "tree", 2).platform == "xgboost_json"
+    assert resolve(registry, "tree", 1).platform == "xgboost_ubj"
+    plane = DataPlane(registry, InferenceService())
+    broken = next(v for v in plane.model("tree").versions if v.version == 3)
+    assert broken.platform == "xgboost_json", "named from the artifact even when it fails to load"
+    assert not broken.ready
     await registry.close()

@@ -420,6 +420,26 @@ def test_oversized_body_is_413(client: TestClient) -> None:
     assert "exceeds" in response.json()["error"]
 
 
+def test_oversized_admin_body_is_413_before_parsing(client: TestClient) -> None:
+    padding = b" " * (64 * 1024 + 1)
+    for path in ("/v2/repository/index", "/v2/repository/models/tree/load"):
+        response = client.post(path, content=b'{"ready": true}' + padding)
+        assert response.status_code == 413, path
+        assert "exceeds 65536 bytes" in response.json()["error"]
+    assert client.get("/v2/models/tree/ready").status_code == 200, "nothing was reloaded"
+
+
+def test_model_list_describes_the_version_that_answers(client: TestClient) -> None:
+    models = {m["name"]: m for m in client.get("/v2/models").json()["models"]}
+    assert set(models) == {"linear", "tree"}
+    for doc in models.values():
+        assert doc["versions"] == ["1", "2"]
+        assert doc["properties"]["version"] == "2"
+        assert doc["properties"]["state"] == "READY"
+    assert models["tree"]["platform"] == "xgboost_ubj"
+    assert models["linear"]["platform"] == "onnxruntime_onnx"
+
+
 def test_bytes_tensor_roundtrip_in_binary_codec() -> None:
     from server.http.codec import decode_infer
 
