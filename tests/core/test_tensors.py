@@ -34,7 +34,7 @@ def test_memory_layout_and_byte_order_do_not_change_the_bytes() -> None:
     [
         X.astype(np.float64),  # same values, other datatype
         X.reshape(3, 5, 1),  # same values, other row shape
-        X + np.float32(1e-7) * (X == X[0, 0]),  # one element differs
+        X + np.float32(1e-7) * (X[0, 0] == X),  # one element differs
     ],
     ids=["dtype", "shape", "value"],
 )
