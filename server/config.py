@@ -106,6 +106,32 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
+class RedisSettings(BaseModel):
+    """The one Redis a fleet shares: cache entries, feedback joins, traffic state, rate limits.
+
+    Unset, every process keeps that state to itself. Losing Redis degrades to
+    local state, never to failed requests: every call is bounded by the timeout
+    and a circuit stops calling Redis while it is down.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str | None = Field(default=None, description="redis://host:port/db (unset: no Redis)")
+    timeout_ms: float = Field(default=20.0, gt=0, le=10_000, description="per call")
+    key_prefix: str = Field(default="sluice:", description="namespace of every key")
+    retry_after_s: float = Field(
+        default=5.0, gt=0, description="after a failure, how long the circuit stays open"
+    )
+
+
+class CacheSettings(_Section):
+    """Where result-cache entries live; each model turns its cache on in model.yaml."""
+
+    backend: Literal["memory", "redis"] = Field(
+        default="memory", description="memory: per process; redis: shared (needs redis.url)"
+    )
+
+
 class Settings(BaseModel):
     """Everything ``sluice serve`` and ``sluice batch`` can be told."""
 
@@ -139,6 +165,14 @@ class Settings(BaseModel):
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     drift: DriftSettings = Field(default_factory=DriftSettings)
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+
+    @model_validator(mode="after")
+    def _redis_for_redis_cache(self) -> Settings:
+        if self.cache.backend == "redis" and self.redis.url is None:
+            raise ValueError("cache.backend 'redis' needs redis.url")
+        return self
 
 
 class ConfigError(Exception):
