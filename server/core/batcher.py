@@ -73,6 +73,20 @@ class BatchRecord:
 BatchObserver = Callable[[BatchRecord], None]
 
 
+class Dispatcher(Protocol):
+    """How a validated request reaches a runtime: the batcher, the direct runner, or a
+    wrapper around one of them (the result cache) with the same contract."""
+
+    @property
+    def depth(self) -> int: ...
+
+    async def submit(
+        self, inputs: Tensors, rows: int, deadline: float | None = None
+    ) -> Tensors: ...
+
+    async def close(self) -> None: ...
+
+
 @dataclass(slots=True)
 class _Item:
     inputs: Tensors

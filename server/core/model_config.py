@@ -64,6 +64,20 @@ class BatchingConfig(_Strict):
     max_batches_in_flight: int | None = Field(default=None, ge=1, le=64)
 
 
+class CacheConfig(_Strict):
+    """The per-row result cache of a model (off unless the model turns it on).
+
+    Bounds are per version: whichever of ``max_entries`` and ``max_bytes`` is
+    reached first evicts the least recently used rows. ``ttl_s`` bounds how long
+    a row is served from the cache, in memory and in Redis.
+    """
+
+    enabled: bool = False
+    ttl_s: float = Field(default=900.0, gt=0, le=30 * 86400)
+    max_entries: int = Field(default=100_000, ge=1)
+    max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+
+
 class VersionPolicy(_Strict):
     """Which version folders are served: exactly one of the three forms."""
 
@@ -88,6 +102,7 @@ class ModelConfig(_Strict):
     outputs: list[TensorConfig] = Field(min_length=1)
     runtime_options: dict[str, Any] = Field(default_factory=dict)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     version_policy: VersionPolicy = Field(default_factory=lambda: VersionPolicy(latest=1))
 
     @model_validator(mode="after")

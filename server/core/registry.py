@@ -17,7 +17,8 @@ from typing import Protocol
 import numpy as np
 from opentelemetry.trace import Tracer
 
-from server.core.batcher import BatchRecord, DirectDispatcher, MicroBatcher, Tensors
+from server.core.batcher import BatchRecord, DirectDispatcher, Dispatcher, MicroBatcher
+from server.core.cache import CachedDispatcher
 from server.core.catalog import VersionState
 from server.core.model_config import ModelConfig
 from server.core.monitoring.tracing import BatchTracing
@@ -26,20 +27,10 @@ from server.core.routing import Router
 from server.core.runtimes import RUNTIMES, Runtime, SignatureMismatch
 from server.core.signature import Signature
 from server.core.stats import VersionStats
+from server.core.store import SharedStore
 from server.errors import ServingError
 
 log = logging.getLogger("sluice.registry")
-
-
-class Dispatcher(Protocol):
-    @property
-    def depth(self) -> int: ...
-
-    async def submit(
-        self, inputs: Tensors, rows: int, deadline: float | None = None
-    ) -> Tensors: ...
-
-    async def close(self) -> None: ...
 
 
 class ExecutionObserver(Protocol):
@@ -61,6 +52,7 @@ class ModelVersion:
     source: VersionSource | None = None
     runtime: Runtime | None = None
     dispatcher: Dispatcher | None = None
+    cache: CachedDispatcher | None = None  # the dispatcher, when the model caches results
     stats: VersionStats = field(default_factory=VersionStats)
 
     @property
@@ -106,6 +98,7 @@ class ModelRegistry:
         executions: Sequence[ExecutionObserver] = (),
         tracer: Tracer | None = None,
         threads: int = 1,
+        shared_cache: SharedStore | None = None,
     ) -> None:
         self.repository = repository
         self.router = router if router is not None else Router()
@@ -114,6 +107,7 @@ class ModelRegistry:
         self._batching_enabled = batching_enabled
         self._executions = tuple(executions)
         self._tracer = tracer
+        self._shared_cache = shared_cache
         self._models: dict[str, ModelEntry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -224,7 +218,17 @@ class ModelRegistry:
         except (RepositoryError, SignatureMismatch, ServingError) as exc:
             mv.state, mv.reason = VersionState.UNAVAILABLE, str(exc)
             return mv
-        mv.dispatcher = self._dispatcher(mv)
+        dispatcher = self._dispatcher(mv)
+        if config.cache.enabled:
+            mv.cache = dispatcher = CachedDispatcher(
+                dispatcher,
+                f"{name}\0{version}\0{mv.sha256}\0",
+                [spec.name for spec in mv.signature.outputs],
+                config.cache,
+                mv.stats,
+                self._shared_cache,
+            )
+        mv.dispatcher = dispatcher
         mv.state = VersionState.READY
         return mv
 
@@ -284,7 +288,7 @@ async def _retire(entry: ModelEntry) -> None:
     for mv in entry.versions.values():
         if mv.dispatcher is not None:
             await mv.dispatcher.close()
-            mv.dispatcher = None
+            mv.dispatcher = mv.cache = None
         if mv.runtime is not None:
             mv.runtime.close()
             mv.runtime = None

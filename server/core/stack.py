@@ -18,6 +18,7 @@ from server.core.registry import ModelRegistry
 from server.core.repository import ModelRepository
 from server.core.routing import Router
 from server.core.service import InferenceService, Observer
+from server.core.store import SharedStore
 
 
 @asynccontextmanager
@@ -29,6 +30,7 @@ async def open_dataplane(
     ``monitoring`` (metrics, drift, feedback, traces) closes after the last batch.
     """
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="sluice-infer")
+    store = SharedStore(settings.redis) if settings.redis.url else None
     registry = ModelRegistry(
         ModelRepository(settings.model_repository),
         executor,
@@ -37,11 +39,12 @@ async def open_dataplane(
         executions=monitoring.executions if monitoring else (),
         tracer=monitoring.tracer if monitoring else None,
         threads=settings.inference_threads,
+        shared_cache=store if settings.cache.backend == "redis" else None,
     )
     try:
         await registry.load_all()
         if monitoring is not None:
-            monitoring.start(registry)
+            monitoring.start(registry, store)
             observers = (*observers, *monitoring.observers)
         yield DataPlane(
             registry,
@@ -54,4 +57,6 @@ async def open_dataplane(
         await registry.close()
         if monitoring is not None:
             await monitoring.close()
+        if store is not None:
+            await store.close()
         executor.shutdown(wait=True)

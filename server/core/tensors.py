@@ -31,15 +31,14 @@ def row_bytes(inputs: Mapping[str, np.ndarray], rows: int) -> list[bytes]:
     datatype and the shape of one row, then the row's values, so rows of
     different models or signatures never collide.
     """
+    if rows == 1:
+        return [b"".join(_row_of_one(name, array) for name, array in inputs.items())]
     parts: list[list[bytes]] = [[] for _ in range(rows)]
     for name, array in inputs.items():
         if array.ndim == 0 or array.shape[0] != rows:
             raise ValueError(f"input '{name}' has no leading dimension of {rows} rows")
-        datatype = datatype_of(
-            array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
-        )
-        header = _header(name, datatype, array.shape[1:])
-        if datatype is Datatype.BYTES:
+        header = _header(name, array)
+        if array.dtype.kind == "O":
             for index in range(rows):
                 parts[index] += (header, _bytes_elements(array[index].reshape(-1)))
             continue
@@ -50,7 +49,23 @@ def row_bytes(inputs: Mapping[str, np.ndarray], rows: int) -> list[bytes]:
     return [b"".join(row) for row in parts]
 
 
-def _header(name: str, datatype: Datatype, shape: tuple[int, ...]) -> bytes:
+_HEADERS: dict[tuple[str, np.dtype[np.generic], tuple[int, ...]], bytes] = {}
+
+
+def _header(name: str, array: np.ndarray) -> bytes:
+    """Name, datatype and row shape of one input; built once per distinct triple."""
+    shape = array.shape[1:]
+    key = (name, array.dtype, shape)
+    found = _HEADERS.get(key)
+    if found is None:
+        native = array.dtype if array.dtype.isnative else array.dtype.newbyteorder("=")
+        found = _build_header(name, datatype_of(np.empty(0, native)), shape)
+        if len(_HEADERS) < 4096:  # client-controlled shapes must not grow it without bound
+            _HEADERS[key] = found
+    return found
+
+
+def _build_header(name: str, datatype: Datatype, shape: tuple[int, ...]) -> bytes:
     encoded = name.encode()
     dims = b"".join(int(d).to_bytes(8, "little") for d in shape)
     return b"".join(
@@ -62,6 +77,15 @@ def _header(name: str, datatype: Datatype, shape: tuple[int, ...]) -> bytes:
             dims,
         ]
     )
+
+
+def _row_of_one(name: str, array: np.ndarray) -> bytes:
+    if array.ndim == 0 or array.shape[0] != 1:
+        raise ValueError(f"input '{name}' has no leading dimension of 1 rows")
+    if array.dtype.kind == "O":
+        return _header(name, array) + _bytes_elements(array.reshape(-1))
+    le = array.dtype.newbyteorder("<")
+    return _header(name, array) + np.ascontiguousarray(array, dtype=le).tobytes()
 
 
 def _bytes_elements(values: np.ndarray) -> bytes:

@@ -20,6 +20,7 @@ from server.core.monitoring.metrics import Attributes, ServingMetrics, register_
 from server.core.monitoring.worker import MonitoringWorker
 from server.core.registry import ExecutionObserver, ModelRegistry
 from server.core.service import Observer
+from server.core.store import SharedStore
 
 SCOPE = "sluice"
 
@@ -55,9 +56,9 @@ class Monitoring:
     def executions(self) -> tuple[ExecutionObserver, ...]:
         return (self.metrics,) if self.metrics is not None else ()
 
-    def start(self, registry: ModelRegistry) -> None:
+    def start(self, registry: ModelRegistry, store: SharedStore | None = None) -> None:
         if self.metrics is not None:
-            self.metrics.attach(registry)
+            self.metrics.attach(registry, store)
         if self.worker is not None:
             self.worker.start()
 

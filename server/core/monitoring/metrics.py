@@ -24,7 +24,9 @@ from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
 from server.core.batcher import BatchRecord
 from server.core.monitoring.drift import STATUS_CODES, Status
 from server.core.monitoring.histogram import HistogramFactory, HistogramSeries, LocalHistogram
+from server.core.cache import CachedDispatcher
 from server.core.registry import ModelRegistry, ModelVersion
+from server.core.store import SharedStore
 
 # Seconds, from 100 us (an in-process XGBoost call) up to 10 s.
 DURATION_BUCKETS = (
@@ -41,6 +43,7 @@ class ServingMetrics:
 
     def __init__(self, meter: Meter, histograms: HistogramFactory | None = None) -> None:
         self._registry: ModelRegistry | None = None
+        self._store: SharedStore | None = None
         self._attributes: dict[tuple[str, int], Attributes] = {}
         compute = ("ml.inference.compute.duration", "s", "Model execution time of one batch")
         batch = ("ml.inference.batch.size", "{row}", "Rows per model execution")
@@ -77,7 +80,20 @@ class ServingMetrics:
             ),
             ("ml.inference.count", "{row}", "Rows inferred", self._rows),
             ("ml.inference.exec.count", "{batch}", "Model executions", self._executions),
-            ("ml.cache.lookups", "{lookup}", "Result cache lookups by result", self._cache),
+            ("ml.cache.lookups", "{row}", "Result cache lookups by result (rows)", self._cache),
+            ("ml.cache.evictions", "{row}", "Rows evicted from the result cache", self._evictions),
+            (
+                "ml.cache.lookup.time",
+                "s",
+                "Cumulative time spent looking rows up in the result cache",
+                self._lookup_time,
+            ),
+            (
+                "ml.store.errors",
+                "{call}",
+                "Failed or timed-out calls to the shared store (Redis)",
+                self._store_errors,
+            ),
             (
                 "ml.inference.request.time",
                 "s",
@@ -101,6 +117,20 @@ class ServingMetrics:
             meter.create_observable_counter(
                 name, callbacks=[callback], unit=unit, description=description
             )
+        gauges: list[tuple[str, str, str, Callable[[CallbackOptions], Iterable[Observation]]]] = [
+            ("ml.cache.size", "By", "Bytes held by the result cache", self._cache_bytes),
+            ("ml.cache.entries", "{row}", "Rows held by the result cache", self._cache_entries),
+            (
+                "ml.store.available",
+                "1",
+                "1 while the shared store (Redis) answers, 0 during an outage",
+                self._store_available,
+            ),
+        ]
+        for name, unit, description, callback in gauges:
+            meter.create_observable_gauge(
+                name, callbacks=[callback], unit=unit, description=description
+            )
         meter.create_observable_gauge(
             "ml.inference.queue.depth",
             callbacks=[self._depth],
@@ -108,8 +138,9 @@ class ServingMetrics:
             description="Requests waiting for a batch (Triton: pending request count)",
         )
 
-    def attach(self, registry: ModelRegistry) -> None:
+    def attach(self, registry: ModelRegistry, store: SharedStore | None = None) -> None:
         self._registry = registry
+        self._store = store
 
     def attributes(self, name: str, version: int) -> Attributes:
         key = (name, version)
@@ -176,6 +207,31 @@ class ServingMetrics:
             out.append(Observation(mv.stats.cache_hit.count, {**a, "result": "hit"}))
             out.append(Observation(mv.stats.cache_miss.count, {**a, "result": "miss"}))
         return out
+
+    def _caches(self) -> Iterator[tuple[CachedDispatcher, Attributes]]:
+        for mv, a in self._versions():
+            if mv.cache is not None:
+                yield mv.cache, a
+
+    def _evictions(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(c.counters.evictions, a) for c, a in self._caches()]
+
+    def _lookup_time(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(c.counters.lookup_ns / 1e9, a) for c, a in self._caches()]
+
+    def _cache_bytes(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(c.rows.bytes, a) for c, a in self._caches()]
+
+    def _cache_entries(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(len(c.rows), a) for c, a in self._caches()]
+
+    def _store_errors(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [] if self._store is None else [Observation(self._store.stats.errors)]
+
+    def _store_available(self, options: CallbackOptions) -> Iterable[Observation]:
+        if self._store is None:
+            return []
+        return [Observation(1 if self._store.stats.available else 0)]
 
     def _request_time(self, options: CallbackOptions) -> Iterable[Observation]:
         return [
