@@ -22,9 +22,9 @@ from typing import Any, Protocol
 from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
 
 from server.core.batcher import BatchRecord
+from server.core.cache import CachedDispatcher
 from server.core.monitoring.drift import STATUS_CODES, Status
 from server.core.monitoring.histogram import HistogramFactory, HistogramSeries, LocalHistogram
-from server.core.cache import CachedDispatcher
 from server.core.registry import ModelRegistry, ModelVersion
 from server.core.store import SharedStore
 

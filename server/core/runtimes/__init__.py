@@ -5,7 +5,14 @@ from __future__ import annotations
 from enum import StrEnum
 
 from server.core.runtimes import onnx, xgboost
-from server.core.runtimes.base import Runtime, RuntimeFactory, SignatureMismatch
+from server.core.runtimes.base import (
+    Executors,
+    ExecutorTiming,
+    Runtime,
+    RuntimeFactory,
+    SignatureMismatch,
+)
+from server.core.runtimes.hybrid import load_xgboost
 from server.core.runtimes.onnx import OnnxRuntime
 from server.core.runtimes.xgboost import XGBoostRuntime
 
@@ -17,7 +24,8 @@ class RuntimeKind(StrEnum):
 
 RUNTIMES: dict[RuntimeKind, RuntimeFactory] = {
     RuntimeKind.ONNX: OnnxRuntime,
-    RuntimeKind.XGBOOST: XGBoostRuntime,
+    # XGBoost, plus compiled trees for small batches when they pay (hybrid.py).
+    RuntimeKind.XGBOOST: load_xgboost,
 }
 
 # Artifact file name -> platform, as each runtime names its own. Pickle-based formats
@@ -41,6 +49,8 @@ __all__ = [
     "DEFAULT_PLATFORMS",
     "PLATFORMS",
     "RUNTIMES",
+    "ExecutorTiming",
+    "Executors",
     "Runtime",
     "RuntimeKind",
     "SignatureMismatch",

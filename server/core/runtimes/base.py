@@ -3,12 +3,49 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from server.core.signature import Signature
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorTiming:
+    """One executor's median time for one call at one batch size, measured at load."""
+
+    executor: str
+    rows: int
+    micros: float
+
+
+@dataclass(frozen=True, slots=True)
+class Executors:
+    """What executes a loaded version, and how a batch picks one.
+
+    ``names`` lists the executors in use: one for a plain runtime, two for the
+    XGBoost hybrid (``("compiled", "xgboost")``). With two, a batch of fewer
+    than ``switch_rows`` rows runs on the first, any other on the second.
+    ``note`` says why a version asked to run on more executors runs on fewer
+    (a failed parity check, a conversion the converter refused).
+    """
+
+    names: tuple[str, ...]
+    mode: str = ""  # runtime_options.executor as resolved ("auto", "xgboost", "compiled")
+    switch_rows: int | None = None
+    parity: float | None = None  # the largest output difference measured at load
+    tolerance: float | None = None
+    note: str = ""
+    timings: tuple[ExecutorTiming, ...] = ()
+
+    def summary(self) -> str:
+        """One line for a table or a metadata property: ``compiled < 24 rows <= xgboost``."""
+        if len(self.names) == 2 and self.switch_rows is not None:
+            first, second = self.names
+            return f"{first} < {self.switch_rows} rows <= {second}"
+        return "+".join(self.names)
 
 
 class Runtime(Protocol):
@@ -20,6 +57,7 @@ class Runtime(Protocol):
     """
 
     platform: str
+    executors: Executors
 
     def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model on a batch; outputs keep the batch dimension first."""

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from server.core.runtimes.base import SignatureMismatch
+from server.core.runtimes.base import Executors, SignatureMismatch
 from server.core.signature import Datatype, Signature, TensorSpec
 from server.errors import RuntimeFailure
 
@@ -46,6 +46,8 @@ class OnnxRuntime:
     """Wraps an ``onnxruntime.InferenceSession``; ``run`` is thread-safe."""
 
     platform = PLATFORMS["model.onnx"]
+    # Already a graph for ONNX Runtime (trees included): nothing to compile, one executor.
+    executors = Executors(("onnxruntime",))
 
     def __init__(self, artifact: Path, signature: Signature, options: Mapping[str, Any]) -> None:
         unknown = set(options) - _OPTIONS

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import xgboost as xgb
 
-from server.core.runtimes.base import SignatureMismatch
+from server.core.runtimes.base import Executors, SignatureMismatch
 from server.core.signature import Datatype, Signature
 from server.errors import RuntimeFailure
 
@@ -34,6 +34,7 @@ class XGBoostRuntime:
     """One Booster per model version; ``inplace_predict`` is thread-safe."""
 
     platform = PLATFORMS["model.ubj"]
+    executors = Executors(("xgboost",))
 
     def __init__(self, artifact: Path, signature: Signature, options: Mapping[str, Any]) -> None:
         unknown = set(options) - {"output", "threads"}
@@ -53,9 +54,10 @@ class XGBoostRuntime:
             raise SignatureMismatch(f"cannot load XGBoost model {artifact.name}: {exc}") from exc
         self.platform = PLATFORMS.get(artifact.name, self.platform)
         self._check(signature)
-        self._input = signature.inputs[0].name
-        self._output_name = signature.outputs[0].name
-        self._output_dtype = Datatype(signature.outputs[0].datatype)
+        self.input_name = signature.inputs[0].name
+        self.output_name = signature.outputs[0].name
+        fp64 = signature.outputs[0].datatype is Datatype.FP64
+        self.dtype = np.dtype(np.float64 if fp64 else np.float32)
         self._dense = _DensePredictor.create(
             self._booster, margin=self._output is XGBoostOutput.MARGIN
         )
@@ -86,9 +88,17 @@ class XGBoostRuntime:
         if signature.outputs[0].datatype not in (Datatype.FP32, Datatype.FP64):
             raise SignatureMismatch("an XGBoost output must be FP32 or FP64")
 
+    @property
+    def booster(self) -> xgb.Booster:
+        return self._booster
+
+    @property
+    def margin(self) -> bool:
+        return self._output is XGBoostOutput.MARGIN
+
     def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Score a batch of rows."""
-        rows = inputs[self._input]
+        rows = inputs[self.input_name]
         predict_type = "margin" if self._output is XGBoostOutput.MARGIN else "value"
         try:
             if self._dense is not None and _DensePredictor.accepts(rows):
@@ -97,8 +107,7 @@ class XGBoostRuntime:
                 result = self._booster.inplace_predict(rows, predict_type=predict_type)
         except xgb.core.XGBoostError as exc:
             raise RuntimeFailure(f"XGBoost predict failed: {exc}") from exc
-        dtype = np.float64 if self._output_dtype is Datatype.FP64 else np.float32
-        return {self._output_name: np.asarray(result, dtype=dtype)}
+        return {self.output_name: np.asarray(result, dtype=self.dtype)}
 
     def close(self) -> None:
         """Boosters free their memory when collected; drop our reference."""
