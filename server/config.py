@@ -7,6 +7,7 @@ bad value is reported as one line naming the setting and where it came from.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -132,6 +133,116 @@ class CacheSettings(_Section):
     )
 
 
+Scope = Literal["infer", "admin", "metrics"]
+_RATE = re.compile(r"^\s*(\d+)\s*(?:/|per)\s*(\d*)\s*(second|minute|hour|day)s?\s*$")
+_PERIOD_S = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+
+
+def parse_rate(text: str) -> tuple[int, float]:
+    """``"100/second"``, ``"6000 per minute"``, ``"10/5 second"`` as (requests, period seconds)."""
+    match = _RATE.match(text.lower())
+    if match is None or int(match[1]) < 1:
+        raise ValueError(f"rate {text!r} is not of the form '100/second' (second|minute|hour|day)")
+    multiple = int(match[2]) if match[2] else 1
+    if multiple < 1:
+        raise ValueError(f"rate {text!r}: the period must be at least 1 {match[3]}")
+    return int(match[1]), multiple * _PERIOD_S[match[3]]
+
+
+class ApiKeySettings(BaseModel):
+    """One API key, stored as the SHA-256 of the key: the key itself is never written down."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.:@-]+$",
+        description="a name for the key, shown in logs and 403 answers (never the key)",
+    )
+    sha256: str = Field(
+        pattern=r"^[0-9a-fA-F]{64}$",
+        description="hex SHA-256 of the key: printf %s KEY | sha256sum",
+    )
+    scopes: tuple[Scope, ...] = Field(min_length=1, description="infer, admin, metrics")
+    models: tuple[str, ...] | None = Field(
+        default=None, min_length=1, description="only these models (unset: every model)"
+    )
+    rate_limit: str | None = Field(default=None, description="this key's rate (else the default)")
+
+    @model_validator(mode="after")
+    def _valid_rate(self) -> ApiKeySettings:
+        if self.rate_limit is not None:
+            parse_rate(self.rate_limit)
+        return self
+
+
+class SecuritySettings(BaseModel):
+    """Who may call what, and how often. No keys: every route is open (bind to loopback)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    keys: tuple[ApiKeySettings, ...] = Field(default=(), description="keys held in the settings")
+    keys_file: Path | None = Field(
+        default=None, description="YAML file with a 'keys:' list, re-read when it changes"
+    )
+    keys_reload_s: float = Field(
+        default=1.0, ge=0, description="how often the keys file's mtime is checked"
+    )
+    rate_limit: str | None = Field(
+        default=None,
+        description="per key, or per client address without keys; e.g. '100/second' "
+        "(unset: no rate limit). Shared through Redis when redis.url is set",
+    )
+
+    @model_validator(mode="after")
+    def _valid(self) -> SecuritySettings:
+        if self.rate_limit is not None:
+            parse_rate(self.rate_limit)
+        ids = [key.id for key in self.keys]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"key ids must be unique, got {ids}")
+        return self
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether any key is configured (a keys file counts even while it is empty)."""
+        return bool(self.keys) or self.keys_file is not None
+
+
+class LimitSettings(BaseModel):
+    """What one client may hold of the server: connections, time, bytes, concurrency."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_connections: int | None = Field(
+        default=None,
+        ge=1,
+        description="open connections (unset: 4096, or fewer when the file-descriptor limit "
+        "is lower); at the limit an idle connection is closed to make room, else a 503",
+    )
+    max_concurrent_requests: int = Field(
+        default=1024, ge=1, description="requests being answered at once; beyond: 503"
+    )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="to send the request line and headers, else 408"
+    )
+    body_timeout_s: float = Field(
+        default=60.0, gt=0, description="to send the whole body once the headers are in"
+    )
+    keep_alive_timeout_s: float = Field(
+        default=5.0, gt=0, description="an idle keep-alive connection is closed after this"
+    )
+    max_header_bytes: int = Field(
+        default=32 * 1024, ge=1024, description="request line plus headers, else 431"
+    )
+    decode_in_thread_bytes: int = Field(
+        default=256 * 1024,
+        ge=0,
+        description="infer bodies at least this large are decoded off the event loop",
+    )
+
+
 class Settings(BaseModel):
     """Everything ``sluice serve`` and ``sluice batch`` can be told."""
 
@@ -167,6 +278,8 @@ class Settings(BaseModel):
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
 
     @model_validator(mode="after")
     def _redis_for_redis_cache(self) -> Settings:

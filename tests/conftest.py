@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -100,3 +101,13 @@ def example_server(
     server = start_server(example_repo, tmp_path_factory.mktemp("log") / "server.log")
     yield server
     stop_server(server)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Any]:
+    """A real redis-server on a free port; stopped (if still running) at the end."""
+    from redis_support import RedisServer
+
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()

@@ -169,6 +169,11 @@ class ModelRegistry:
             self.router.forget(entry.name)
         self._models.clear()
 
+    def version(self, key: tuple[str, int]) -> ModelVersion | None:
+        """The served version ``(name, number)``, if loaded (a lookup, not a routing choice)."""
+        entry = self._models.get(key[0])
+        return entry.versions.get(key[1]) if entry is not None else None
+
     def is_ready(self, strict: bool = False) -> bool:
         """Whether the server should take traffic.
 

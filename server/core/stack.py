@@ -44,6 +44,8 @@ async def open_dataplane(
     try:
         await registry.load_all()
         if monitoring is not None:
+            if store is not None and monitoring.worker is not None:
+                monitoring.worker.share(store, registry.version)
             monitoring.start(registry, store)
             observers = (*observers, *monitoring.observers)
         yield DataPlane(

@@ -20,12 +20,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
-
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from typing import TYPE_CHECKING, cast
 
 from server.config import RedisSettings
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 log = logging.getLogger("sluice.store")
 
@@ -46,7 +46,7 @@ class StoreStats:
 @dataclass(frozen=True, slots=True)
 class Write:
     key: str
-    value: bytes
+    value: bytes | None  # None deletes the key
     ttl_s: float
 
 
@@ -61,7 +61,13 @@ class SharedStore:
         self._timeout = settings.timeout_ms / 1000
         self._retry_after = settings.retry_after_s
         self._clock = clock
-        self._client = aioredis.Redis.from_url(
+        # Imported here: redis-py pulls in the OpenTelemetry SDK, which the core does not
+        # load unless Redis is configured (tests/core/test_core_boundary.py).
+        import redis.asyncio as aioredis
+        from redis.exceptions import RedisError
+
+        self._errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+        self._client: aioredis.Redis = aioredis.Redis.from_url(
             settings.url,
             socket_timeout=self._timeout,
             socket_connect_timeout=self._timeout,
@@ -89,7 +95,23 @@ class SharedStore:
         try:
             async with asyncio.timeout(self._timeout):
                 values = cast(list[bytes | None], await self._client.mget(keys))
-        except (RedisError, OSError, TimeoutError) as exc:
+        except self._errors as exc:
+            self._failed(exc)
+            return None
+        self._succeeded()
+        return values
+
+    async def take(self, keys: Sequence[str]) -> list[bytes | None] | None:
+        """Read and delete each key atomically (GETDEL): whoever takes a value has it alone."""
+        if not self._ready():
+            return None
+        try:
+            async with asyncio.timeout(self._timeout):
+                pipe = self._client.pipeline(transaction=False)
+                for key in keys:
+                    pipe.getdel(key)
+                values = cast(list[bytes | None], await pipe.execute())
+        except self._errors as exc:
             self._failed(exc)
             return None
         self._succeeded()
@@ -106,7 +128,7 @@ class SharedStore:
         try:
             async with asyncio.timeout(self._timeout):
                 await self._client.set(key, value, px=None if ttl_s is None else int(ttl_s * 1000))
-        except (RedisError, OSError, TimeoutError) as exc:
+        except self._errors as exc:
             self._failed(exc)
             return False
         self._succeeded()
@@ -114,7 +136,11 @@ class SharedStore:
 
     # -- writes nobody waits for ------------------------------------------------------
 
-    def put_later(self, key: str, value: bytes, ttl_s: float) -> None:
+    def delete_later(self, key: str) -> None:
+        """Queue a delete, as ``put_later`` queues a write."""
+        self.put_later(key, None, 0.0)
+
+    def put_later(self, key: str, value: bytes | None, ttl_s: float) -> None:
         """Queue a write; dropped (and counted) when Redis is down or the queue is full."""
         if not self.available:
             self.stats.skipped += 1
@@ -146,9 +172,12 @@ class SharedStore:
             async with asyncio.timeout(self._timeout * 4):
                 pipe = self._client.pipeline(transaction=False)
                 for write in batch:
-                    pipe.set(write.key, write.value, px=int(write.ttl_s * 1000))
+                    if write.value is None:
+                        pipe.delete(write.key)
+                    else:
+                        pipe.set(write.key, write.value, px=int(write.ttl_s * 1000))
                 await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except self._errors as exc:
             self.stats.dropped_writes += len(batch)
             self._failed(exc)
             return

@@ -32,15 +32,18 @@ from server.core.monitoring.feedback import (
     FeedbackOutcome,
     Label,
     PredictionStore,
+    StoredPrediction,
     VersionKey,
     rows_match,
 )
 from server.core.monitoring.metrics import Attributes, report_observations
 from server.core.monitoring.quality import QualityTracker, card_metrics
 from server.core.monitoring.reference import NumericProfile, ProfileError, load_reference
+from server.core.monitoring.shared import SharedPredictions
 from server.core.registry import ModelVersion
 from server.core.service import InferenceRequest, InferenceResult
 from server.core.signature import FLOAT_TYPES
+from server.core.store import SharedStore
 from server.errors import Overloaded
 
 log = logging.getLogger("sluice.monitoring")
@@ -107,6 +110,8 @@ class MonitoringWorker:
             else None
         )
         self._unmatched: dict[str, int] = {}
+        self._shared: SharedPredictions | None = None
+        self._versions: Callable[[VersionKey], ModelVersion | None] = lambda key: None
         self._published: dict[str, list[Observation]] = {}
         self._published_at = -float("inf")
         self._timer: asyncio.TimerHandle | None = None
@@ -275,7 +280,10 @@ class MonitoringWorker:
             scores = state.score.matrix(joined) if joined else None
             if scores is not None:
                 ids = block.ids if keep is None else [block.ids[i] for i in keep]
-                self._store.put(state.key, ids, block.sizes(tensor), scores[:, 0], now)
+                sizes = block.sizes(tensor)
+                self._store.put(state.key, ids, sizes, scores[:, 0], now)
+                if self._shared is not None:
+                    self._shared.put(state.key, ids, sizes, scores[:, 0])
 
     # -- results ---------------------------------------------------------------------
 
@@ -357,24 +365,65 @@ class MonitoringWorker:
             return outcome
         now = self._clock()
         self._store.expire(now)
+        elsewhere: list[Label] = []
+        here: list[tuple[Label, StoredPrediction]] = []
         for label in labels:
             stored = self._store.peek(label.request_id)
-            if stored is None or stored.key[0] != model or version not in (None, stored.key[1]):
-                outcome.miss(label.request_id)
-                self._unmatched[model] = self._unmatched.get(model, 0) + len(label.values)
-                continue
+            if stored is None and self._shared is not None:
+                elsewhere.append(label)  # perhaps scored by another replica
+            elif stored is None or not _wanted(stored, model, version):
+                self._miss(outcome, model, label)
+            else:
+                here.append((label, stored))
+        claimed = None
+        if here and self._shared is not None:
+            claimed = await self._shared.claim([label.request_id for label, _ in here])
+        for index, (label, stored) in enumerate(here):
             self._store.take(label.request_id, now)
-            state = self._states.get(stored.key)
-            problem = rows_match(label, stored)
-            if problem is not None or state is None or state.quality is None:
-                outcome.reject(problem or f"id '{label.request_id}': version no longer served")
+            if claimed is not None and not claimed[index]:
+                outcome.reject(f"id '{label.request_id}': already joined by another replica")
                 continue
-            state.quality.add(stored.scores, label.values)
-            state.matched += len(label.values)
-            state.dirty = True
-            outcome.matched += 1
+            await self._join(outcome, label, stored)
+        if elsewhere:
+            assert self._shared is not None
+            found = await self._shared.take([label.request_id for label in elsewhere], now)
+            for label, shared in zip(elsewhere, found, strict=True):
+                if shared is None or not _wanted(shared, model, version):
+                    self._miss(outcome, model, label)
+                    continue
+                await self._join(outcome, label, shared)
         self._publish_if_due()
         return outcome
+
+    def share(
+        self, store: SharedStore, versions: Callable[[VersionKey], ModelVersion | None]
+    ) -> None:
+        """Join labels across replicas through ``store``; ``versions`` finds a served version."""
+        if self._store is not None:
+            self._shared = SharedPredictions(store, self.feedback_settings.retention_s)
+            self._versions = versions
+
+    def _miss(self, outcome: FeedbackOutcome, model: str, label: Label) -> None:
+        outcome.miss(label.request_id)
+        self._unmatched[model] = self._unmatched.get(model, 0) + len(label.values)
+
+    async def _join(self, outcome: FeedbackOutcome, label: Label, stored: StoredPrediction) -> None:
+        state = self._states.get(stored.key)
+        if state is None:  # scored by another replica only: build this version's state here
+            mv = self._versions(stored.key)
+            state = await self._state(mv) if mv is not None else None
+        problem = rows_match(label, stored)
+        if problem is not None or state is None or state.quality is None:
+            outcome.reject(problem or f"id '{label.request_id}': version no longer served")
+            return
+        state.quality.add(stored.scores, label.values)
+        state.matched += len(label.values)
+        state.dirty = True
+        outcome.matched += 1
+
+
+def _wanted(stored: StoredPrediction, model: str, version: int | None) -> bool:
+    return stored.key[0] == model and version in (None, stored.key[1])
 
 
 def _score_column(mv: ModelVersion, predictions: Mapping[str, Any]) -> Extractor | None:
