@@ -8,7 +8,27 @@ from rich.console import Console
 from rich.table import Table
 
 from server.config import Settings
+from server.core.runtimes.base import Executors
 from server.core.stack import open_dataplane
+
+
+def executor_fields(executors: Executors | None) -> dict[str, Any]:
+    """The executors of a version as table / JSON fields (empty when it did not load)."""
+    if executors is None:
+        return {"executors": "", "executor_detail": {}}
+    detail: dict[str, Any] = {
+        "names": list(executors.names),
+        "mode": executors.mode,
+        "switch_rows": executors.switch_rows,
+        "parity": executors.parity,
+        "parity_tolerance": executors.tolerance,
+        "note": executors.note,
+        "timings_us": [
+            {"executor": t.executor, "rows": t.rows, "us": round(t.micros, 1)}
+            for t in executors.timings
+        ],
+    }
+    return {"executors": executors.summary(), "executor_detail": detail}
 
 
 async def describe_repository(settings: Settings) -> list[dict[str, Any]]:
@@ -25,6 +45,7 @@ async def describe_repository(settings: Settings) -> list[dict[str, Any]]:
                         "state": "UNAVAILABLE",
                         "sha256": "",
                         "reason": info.error,
+                        **executor_fields(None),
                     }
                 )
             rows += [
@@ -35,6 +56,7 @@ async def describe_repository(settings: Settings) -> list[dict[str, Any]]:
                     "state": v.state.value,
                     "sha256": v.sha256,
                     "reason": v.reason,
+                    **executor_fields(v.executors),
                 }
                 for v in info.versions
             ]
@@ -43,7 +65,7 @@ async def describe_repository(settings: Settings) -> list[dict[str, Any]]:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     table = Table(title="Model repository")
-    for column in ("model", "version", "runtime", "state", "sha256", "reason"):
+    for column in ("model", "version", "runtime", "executors", "state", "sha256", "reason"):
         table.add_column(column, overflow="fold")
     for row in rows:
         style = "green" if row["state"] == "READY" else "red"
@@ -51,8 +73,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             row["model"],
             row["version"],
             row["runtime"],
+            row["executors"],
             f"[{style}]{row['state']}[/]",
             row["sha256"][:16],
-            row["reason"],
+            row["reason"] or row["executor_detail"].get("note", ""),
         )
     Console().print(table)

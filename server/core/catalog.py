@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from server.core.model_config import ModelConfig
+from server.core.runtimes.base import Executors
 from server.core.signature import TensorSpec
 from server.core.stats import VersionStats
 
@@ -34,6 +35,8 @@ class VersionInfo:
     platform: str
     runtime: str  # the runtime kind ("onnx", "xgboost"); empty when no artifact was found
     sha256: str
+    # What runs the version's batches and where the switch-over lies; None when not loaded.
+    executors: Executors | None = None
 
     @property
     def ready(self) -> bool:

@@ -227,6 +227,7 @@ def _version_info(mv: ModelVersion) -> VersionInfo:
         platform=platform,
         runtime=source.runtime.value if source else "",
         sha256=mv.sha256,
+        executors=mv.runtime.executors if mv.runtime is not None else None,
     )
 
 

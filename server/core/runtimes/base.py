@@ -41,11 +41,11 @@ class Executors:
     timings: tuple[ExecutorTiming, ...] = ()
 
     def summary(self) -> str:
-        """One line for a table or a metadata property: ``compiled < 24 rows <= xgboost``."""
+        """One line for a table or a metadata property: ``compiled 1-27, xgboost 28+`` (rows)."""
         if len(self.names) == 2 and self.switch_rows is not None:
             first, second = self.names
-            return f"{first} < {self.switch_rows} rows <= {second}"
-        return "+".join(self.names)
+            return f"{first} 1-{self.switch_rows - 1}, {second} {self.switch_rows}+"
+        return ", ".join(self.names)
 
 
 class Runtime(Protocol):
