@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "SLUICE_"
 # ``SLUICE_DRIFT__PSI_ALERT`` sets ``drift.psi_alert``: a double underscore descends a section.
@@ -149,6 +156,12 @@ def parse_rate(text: str) -> tuple[int, float]:
     return int(match[1]), multiple * _PERIOD_S[match[3]]
 
 
+def _checked_rate(text: str | None) -> str | None:
+    if text is not None:
+        parse_rate(text)
+    return text
+
+
 class ApiKeySettings(BaseModel):
     """One API key, stored as the SHA-256 of the key: the key itself is never written down."""
 
@@ -170,11 +183,7 @@ class ApiKeySettings(BaseModel):
     )
     rate_limit: str | None = Field(default=None, description="this key's rate (else the default)")
 
-    @model_validator(mode="after")
-    def _valid_rate(self) -> ApiKeySettings:
-        if self.rate_limit is not None:
-            parse_rate(self.rate_limit)
-        return self
+    _valid_rate = field_validator("rate_limit")(lambda cls, v: _checked_rate(v))
 
 
 class SecuritySettings(BaseModel):
@@ -195,10 +204,10 @@ class SecuritySettings(BaseModel):
         "(unset: no rate limit). Shared through Redis when redis.url is set",
     )
 
+    _valid_rate = field_validator("rate_limit")(lambda cls, v: _checked_rate(v))
+
     @model_validator(mode="after")
-    def _valid(self) -> SecuritySettings:
-        if self.rate_limit is not None:
-            parse_rate(self.rate_limit)
+    def _unique(self) -> SecuritySettings:
         ids = [key.id for key in self.keys]
         if len(set(ids)) != len(ids):
             raise ValueError(f"key ids must be unique, got {ids}")

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp
 from server.config import Settings
 from server.core.stack import open_dataplane
 from server.errors import ServingError
+from server.http.access import AccessLayers
 from server.http.chain import Layer, build_chain
 from server.http.errors import error_response, internal_error_response, serving_error_response
 from server.http.handle import PlaneHandle
@@ -33,9 +34,11 @@ log = logging.getLogger("sluice.http")
 def create_app(settings: Settings, access: Sequence[Layer] = ()) -> ASGIApp:
     """An ASGI app serving ``settings.model_repository``; models load in the lifespan.
 
-    ``access`` are the layers between telemetry and the routes (authentication,
-    rate limiting), outermost first; they see every request, infer included.
+    ``access`` are extra layers between telemetry and the routes, outermost
+    first, inside the ones the settings ask for (``AccessLayers``); they see
+    every request, infer included.
     """
+    configured = AccessLayers(settings)
     handle = PlaneHandle()
     endpoint = InferEndpoint(handle, settings.max_request_bytes, settings.retry_after_s)
     api = V2Api(handle, endpoint, settings.max_request_bytes)
@@ -53,6 +56,7 @@ def create_app(settings: Settings, access: Sequence[Layer] = ()) -> ASGIApp:
             monitoring = telemetry.monitoring
             if monitoring is not None:
                 edge.bind(monitoring.meter, monitoring.tracer, telemetry.bridge)
+                configured.bind(monitoring.meter)
             # The loaded libraries and models are hundreds of thousands of long-lived
             # objects; a full collection walking them stalls every request for tens of
             # milliseconds (p99 75 ms -> 11 ms under load when frozen out of the GC).
@@ -64,6 +68,7 @@ def create_app(settings: Settings, access: Sequence[Layer] = ()) -> ASGIApp:
             finally:
                 handle.plane = None
                 edge.unbind()
+                await configured.close()
 
     async def on_serving_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServingError)
@@ -95,7 +100,7 @@ def create_app(settings: Settings, access: Sequence[Layer] = ()) -> ASGIApp:
     return build_chain(
         router,
         telemetry=partial(TelemetryMiddleware, edge=edge) if settings.telemetry.enabled else None,
-        access=access,
+        access=[*configured.layers, *access],
         hot=partial(HotRoutes, endpoint=endpoint, routes=api.infer_routes)
         if settings.http_fast_path
         else None,
