@@ -20,6 +20,7 @@ def executor_fields(executors: Executors | None) -> dict[str, Any]:
         "names": list(executors.names),
         "mode": executors.mode,
         "switch_rows": executors.switch_rows,
+        "inline_rows": executors.inline_rows,
         "parity": executors.parity,
         "parity_tolerance": executors.tolerance,
         "note": executors.note,

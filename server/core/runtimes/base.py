@@ -39,6 +39,9 @@ class Executors:
     tolerance: float | None = None
     note: str = ""
     timings: tuple[ExecutorTiming, ...] = ()
+    # Batches of at most this many rows cost less than handing them to a thread (measured
+    # at load), so a dispatcher may run them on the event loop; 0: never.
+    inline_rows: int = 0
 
     def summary(self) -> str:
         """One line for a table or a metadata property: ``compiled 1-27, xgboost 28+`` (rows)."""
