@@ -8,20 +8,19 @@ it records in the results.
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
 from loadtest.benchmarks import serving_mlserver as mlserver
 from loadtest.benchmarks.serving_servers import ServerCommand, Unavailable, free_port
 
 Kind = Literal["floor", "fastapi", "mlserver", "sluice"]
-
-# The result cache's setting, once it exists: the cache-warm contender sets
-# SLUICE_<NAME>=true. Until then that contender runs only with --with-cache.
-SLUICE_CACHE_SETTING = "cache"
 
 UVICORN = ("--loop", "uvloop", "--http", "httptools", "--workers", "1", "--no-access-log")
 
@@ -118,10 +117,30 @@ def _sluice(contender: Contender, setup: Setup) -> Launch:
     argv += ["--port", str(port), "--log-level", "warning"]
     if not contender.batching:
         argv.append("--no-batching")
-    env = dict(setup.sluice_env)
     if contender.cache:
-        env[f"SLUICE_{SLUICE_CACHE_SETTING.upper()}"] = "true"
+        repository = cached_repository(setup.repository, setup.model, setup.workdir / contender.key)
+        argv[argv.index(str(setup.repository))] = str(repository)
+    env = dict(setup.sluice_env)
     return Launch(ServerCommand(argv, port, env), {"argv": argv[1:], "env": env})
+
+
+def cached_repository(source: Path, model: str, root: Path) -> Path:
+    """A repository of ``model`` alone with its result cache on (model.yaml ``cache``).
+
+    The version folders are symlinks to the originals; the model.yaml is a copy
+    with ``cache: {enabled: true}``. Made anew each time.
+    """
+    target = root / "repository" / model
+    if target.parent.exists():
+        shutil.rmtree(target.parent)
+    target.mkdir(parents=True)
+    doc = yaml.safe_load((source / model / "model.yaml").read_text())
+    doc["cache"] = {**(doc.get("cache") or {}), "enabled": True}
+    (target / "model.yaml").write_text(yaml.safe_dump(doc))
+    for version in (source / model).iterdir():
+        if version.is_dir() and version.name.isdigit():
+            (target / version.name).symlink_to(version.resolve(), target_is_directory=True)
+    return target.parent
 
 
 BUILDERS: dict[Kind, Callable[[Contender, Setup], Launch]] = {
@@ -150,7 +169,7 @@ def select(
         if contender.key not in wanted:
             continue
         if contender.cache and not with_cache:
-            skipped[contender.key] = "cache not built yet (run with --with-cache once it is)"
+            skipped[contender.key] = "the cache-warm contender runs with --with-cache"
         elif binary and not contender.binary:
             skipped[contender.key] = "does not speak the binary tensor extension"
         else:

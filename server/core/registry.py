@@ -224,7 +224,15 @@ class ModelRegistry:
             mv.state, mv.reason = VersionState.UNAVAILABLE, str(exc)
             return mv
         dispatcher = self._dispatcher(mv)
-        if config.cache.enabled:
+        variable = [o.name for o in mv.signature.outputs if -1 in o.shape[1:]]
+        if config.cache.enabled and variable:
+            log.warning(
+                "model %s version %d: result cache off: output(s) %s have variable dimensions",
+                name,
+                version,
+                variable,
+            )
+        elif config.cache.enabled:
             mv.cache = dispatcher = CachedDispatcher(
                 dispatcher,
                 f"{name}\0{version}\0{mv.sha256}\0",

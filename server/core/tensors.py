@@ -10,6 +10,7 @@ function.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 
 import numpy as np
@@ -32,7 +33,7 @@ def row_bytes(inputs: Mapping[str, np.ndarray], rows: int) -> list[bytes]:
     different models or signatures never collide.
     """
     if rows == 1:
-        return [b"".join(_row_of_one(name, array) for name, array in inputs.items())]
+        return [one_row_bytes(inputs)]
     parts: list[list[bytes]] = [[] for _ in range(rows)]
     for name, array in inputs.items():
         if array.ndim == 0 or array.shape[0] != rows:
@@ -49,7 +50,16 @@ def row_bytes(inputs: Mapping[str, np.ndarray], rows: int) -> list[bytes]:
     return [b"".join(row) for row in parts]
 
 
+_LITTLE = sys.byteorder == "little"
 _HEADERS: dict[tuple[str, np.dtype[np.generic], tuple[int, ...]], bytes] = {}
+
+
+def one_row_bytes(inputs: Mapping[str, np.ndarray]) -> bytes:
+    """``row_bytes`` of a one-row batch, without the lists."""
+    if len(inputs) == 1:
+        [(name, array)] = inputs.items()
+        return _row_of_one(name, array)
+    return b"".join([_row_of_one(name, array) for name, array in inputs.items()])
 
 
 def _header(name: str, array: np.ndarray) -> bytes:
@@ -84,6 +94,9 @@ def _row_of_one(name: str, array: np.ndarray) -> bytes:
         raise ValueError(f"input '{name}' has no leading dimension of 1 rows")
     if array.dtype.kind == "O":
         return _header(name, array) + _bytes_elements(array.reshape(-1))
+    order = array.dtype.byteorder
+    if array.flags.c_contiguous and (order in "<|" or (order == "=" and _LITTLE)):
+        return _header(name, array) + array.tobytes()  # already the canonical layout
     le = array.dtype.newbyteorder("<")
     return _header(name, array) + np.ascontiguousarray(array, dtype=le).tobytes()
 

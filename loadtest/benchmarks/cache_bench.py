@@ -1,0 +1,161 @@
+"""Result-cache benchmark: what a hit costs against the bare-HTTP floor, what a miss costs.
+
+    python -m loadtest.benchmarks.cache_bench [--rounds 3] [--duration 8] [--write-readme]
+
+Three servers, each pinned to core 1 with the load generator (this process,
+the ``loadtest`` library) on core 0, started once and measured in alternating rounds so a
+drift in machine speed hits all of them:
+
+- ``floor``: Starlette + orjson answering a fixed body, no model (the
+  serving benchmark's floor);
+- ``sluice``: ``sluice serve`` on fraud v2 with the cache off;
+- ``sluice-cache``: the same with ``cache: {enabled: true}`` in a copy of
+  fraud's model.yaml (the version folders are linked, not copied).
+
+Two workloads, 1-row JSON requests from 64 closed-loop clients:
+
+- ``repeat``: 64 distinct holdout rows over and over, so once warm every
+  request of ``sluice-cache`` is a hit. Target: the hit path >= 80 % of the floor;
+- ``distinct``: random rows that never repeat in a round (a fresh seed per
+  round and more bodies than requests), so every lookup of ``sluice-cache``
+  misses and inserts. Target: cache on >= 95 % of cache off.
+
+Each figure is the median over the rounds; ratios are of medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from loadtest import BodySpec, RequestPool, RunResult, Target, random_pool, rows_pool, run_closed
+from loadtest.benchmarks.readme import provenance, write_section
+from loadtest.benchmarks.serving_contenders import CONTENDERS, Setup, launch
+from loadtest.benchmarks.serving_model import ModelData
+from loadtest.benchmarks.serving_servers import Pinning, Server, pin_self
+
+ROOT = Path(__file__).resolve().parents[2]
+CONTENDER_KEYS = ("floor", "sluice", "sluice-cache")
+WORKLOADS = ("repeat", "distinct")
+
+
+@dataclass(slots=True)
+class Figures:
+    """Per contender and workload: the throughput and p99 of each round."""
+
+    rps: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    p99_ms: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+
+    def add(self, key: tuple[str, str], result: dict[str, Any]) -> None:
+        self.rps.setdefault(key, []).append(float(result["ok_rps"]))
+        self.p99_ms.setdefault(key, []).append(float(result["latency"]["p99_ms"]))
+
+    def median(self, contender: str, workload: str) -> tuple[float, float]:
+        key = (contender, workload)
+        return statistics.median(self.rps[key]), statistics.median(self.p99_ms[key])
+
+
+def pool(target: Target, data: ModelData, workload: str, seed: int, size: int) -> RequestPool:
+    """The bodies of one round: 64 holdout rows, or ``size`` random rows seeded per round."""
+    if workload == "repeat":
+        return rows_pool(target, data.meta, data.rows.slice(0, 64), BodySpec(pool_size=64))
+    return random_pool(target, data.meta, BodySpec(pool_size=size, seed=seed))
+
+
+async def measure(target: Target, bodies: RequestPool, args: argparse.Namespace) -> RunResult:
+    return await run_closed(target, bodies, 64, args.duration, args.warmup)
+
+
+def readme_table(figures: Figures, argv: list[str]) -> str:
+    lines = [
+        "| workload (1 row, 64 clients) | floor req/s | Sluice, cache off | Sluice, cache on "
+        "| cache on / floor | cache on / off | p99 off / on (ms) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for workload in WORKLOADS:
+        floor, _ = figures.median("floor", workload)
+        off, off_p99 = figures.median("sluice", workload)
+        on, on_p99 = figures.median("sluice-cache", workload)
+        lines.append(
+            f"| {workload} | {floor:,.0f} | {off:,.0f} | {on:,.0f} | {on / floor:.2f} "
+            f"| {on / off:.2f} | {off_p99:.2f} / {on_p99:.2f} |"
+        )
+    repeat_share = (
+        figures.median("sluice-cache", "repeat")[0] / figures.median("floor", "repeat")[0]
+    )
+    distinct = (
+        figures.median("sluice-cache", "distinct")[0] / figures.median("sluice", "distinct")[0]
+    )
+    lines += [
+        "",
+        f"Targets: cache hits >= 0.80 of the floor ({'met' if repeat_share >= 0.8 else 'missed'}: "
+        f"{repeat_share:.2f}); misses cost at most 5 % against no cache "
+        f"({'met' if distinct >= 0.95 else 'missed'}: {distinct:.2f}).",
+        "",
+        provenance(argv),
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.benchmarks.cache_bench")
+    parser.add_argument("--model-repository", type=Path, default=ROOT / "models")
+    parser.add_argument("--model", default="fraud")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--distinct-pool", type=int, default=250_000, help="bodies per round")
+    parser.add_argument("--write-readme", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    data = ModelData.load(args.model_repository, args.model)
+    pinning = Pinning.detect()
+    pin_self(pinning.client)
+    figures = Figures()
+    by_key = {c.key: c for c in CONTENDERS}
+    with tempfile.TemporaryDirectory(prefix="sluice-cache-bench-") as tmp:
+        work = Path(tmp)
+        setup = Setup(args.model_repository, data.name, data.version, data.artifact, work)
+        servers = []
+        try:
+            for key in CONTENDER_KEYS:
+                command = launch(by_key[key], setup).command
+                server = Server(key, command, work / f"{key}.log", pinning)
+                servers.append(server)
+                server.wait_ready(f"/v2/models/{data.name}/ready", 120)
+            for round_number in range(args.rounds):
+                for workload in WORKLOADS:
+                    for server in servers:
+                        target = Target.from_url(server.url, data.name)
+                        bodies = pool(target, data, workload, round_number, args.distinct_pool)
+                        result = uvloop.run(measure(target, bodies, args)).to_dict()
+                        figures.add((server.name, workload), result)
+                        p99 = result["latency"]["p99_ms"]
+                        print(
+                            f"round {round_number + 1} {workload:8} {server.name:12} "
+                            f"{result['ok_rps']:>9,.0f} req/s  p99 {p99:.2f} ms",
+                            flush=True,
+                        )
+        finally:
+            for server in servers:
+                server.stop()
+    table = readme_table(figures, argv)
+    print(table)
+    if args.write_readme:
+        write_section("cache", table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
