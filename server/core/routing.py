@@ -16,6 +16,7 @@ sorts versions. Canary weights, sticky routing keys and shadows extend
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from server.core.catalog import VersionState
@@ -26,11 +27,19 @@ if TYPE_CHECKING:
     from server.core.registry import ModelEntry, ModelVersion
 
 
+class Reason(StrEnum):
+    """Why a version answers a request (the prediction log records it)."""
+
+    EXPLICIT = "explicit"  # /versions/{v} in the URL
+    PRIMARY = "primary"  # the model's primary version
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Where one request goes: the version that serves it."""
+    """Where one request goes: the version that serves it, and why that one."""
 
     serving: ModelVersion
+    reason: Reason = Reason.PRIMARY
 
 
 @dataclass(slots=True)
@@ -59,9 +68,10 @@ class Router:
 
     def update(self, entry: ModelEntry) -> None:
         """A model was loaded, reloaded or unloaded: recompute where its requests go."""
-        routes = {v: Route(mv) for v, mv in entry.versions.items()}
-        ready = [v for v, mv in sorted(entry.versions.items()) if mv.state is VersionState.READY]
-        self._models[entry.name] = _Model(entry, routes[ready[-1]] if ready else None, routes)
+        routes = {v: Route(mv, Reason.EXPLICIT) for v, mv in entry.versions.items()}
+        ready = [mv for _, mv in sorted(entry.versions.items()) if mv.state is VersionState.READY]
+        primary = Route(ready[-1], Reason.PRIMARY) if ready else None
+        self._models[entry.name] = _Model(entry, primary, routes)
 
     def forget(self, name: str) -> None:
         self._models.pop(name, None)
