@@ -33,6 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--inference-threads", type=int, help="model thread pool size")
     serve.add_argument(
+        "--workers",
+        default="1",
+        metavar="N|auto",
+        help="server processes on the one port (auto: the CPUs this process may use)",
+    )
+    # Set by the --workers supervisor on each worker it starts (server/workers.py).
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    serve.add_argument(
         "--batching",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -65,12 +73,34 @@ def main(argv: list[str] | None = None) -> int:
             settings = settings_from(
                 args, "host", "port", "log_level", "inference_threads", "batching"
             )
+            if args.workers != "1" or args.worker_index is not None:
+                return serve_workers(args, argv, settings)
             return serve(settings)
         settings = settings_from(args)
         return list_models(settings, as_json=args.json)
     except ConfigError as exc:
         print(f"sluice: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def serve_workers(args: argparse.Namespace, argv: list[str] | None, settings: Settings) -> int:
+    """``--workers N``: a supervisor over N worker processes (``server/workers.py``)."""
+    from server import workers
+
+    if args.worker_index is not None:
+        return workers.serve_worker(settings, args.worker_index)
+    try:
+        count = workers.resolve_workers(args.workers)
+    except ValueError as exc:
+        print(f"sluice: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if count == 1:
+        return serve(settings)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    forwarded = workers.without_workers_flag(sys.argv[1:] if argv is None else argv)
+    return workers.supervise(forwarded, settings, count, args.inference_threads is not None)
 
 
 def serve(settings: Settings) -> int:

@@ -26,6 +26,7 @@ import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from opentelemetry.context import Context
@@ -55,7 +56,9 @@ from prometheus_client import CollectorRegistry
 from server import __version__
 from server.config import Settings, TelemetrySettings
 from server.core.monitoring.hub import SCOPE, Monitoring
+from server.fleet_metrics import FleetMetrics
 from server.metric_bridge import BridgedPeriodicReader, BridgedPrometheusReader, MetricBridge
+from server.workers import FLEET_DIR_ENV
 
 log = logging.getLogger("sluice.telemetry")
 
@@ -75,8 +78,12 @@ class Telemetry:
     # Where per-request histograms go instead of the SDK; None when a reader
     # exports histograms as deltas (the bridge only keeps cumulative state).
     bridge: MetricBridge | None = None
+    # Under `sluice serve --workers N`: the scrape that covers every worker.
+    fleet: FleetMetrics | None = None
 
     def shutdown(self) -> None:
+        if self.fleet is not None:
+            self.fleet.close()
         if self.tracer_provider is not None:
             self.tracer_provider.shutdown()
         if self.meter_provider is not None:
@@ -111,17 +118,30 @@ def build_telemetry(settings: Settings, environ: Mapping[str, str]) -> Telemetry
     )
     tracer_provider = tracer(config, environ, resource) if config.tracing else None
     usable = None if delta_histograms(config, environ) else bridge
+    fleet = _fleet(registry, resource, environ)
     # With tracing, SDK histograms keep their exemplars (a batch run without
     # batching records inside the request's span).
     return Telemetry(
         monitoring=Monitoring(
             settings, meter_provider, tracer_provider, None if config.tracing else usable
         ),
-        prometheus=registry,
+        prometheus=fleet.registry if fleet is not None else registry,
         meter_provider=meter_provider,
         tracer_provider=tracer_provider,
         bridge=usable,
+        fleet=fleet,
     )
+
+
+def _fleet(
+    registry: CollectorRegistry | None, resource: Resource, environ: Mapping[str, str]
+) -> FleetMetrics | None:
+    """The scrape over every worker, when this process is one of several (server/workers.py)."""
+    fleet_dir = environ.get(FLEET_DIR_ENV)
+    if registry is None or not fleet_dir:
+        return None
+    instance = str(resource.attributes.get("service.instance.id", os.getpid()))
+    return FleetMetrics(registry, instance, Path(fleet_dir))
 
 
 def service_resource(config: TelemetrySettings) -> Resource:
