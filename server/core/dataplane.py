@@ -8,8 +8,10 @@ render; none of them reads the registry or the repository.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
+import time
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
@@ -22,13 +24,17 @@ from server.core.catalog import (
     VersionState,
     VersionStatistics,
 )
+from server.core.governance import Action, Approval, Governance
+from server.core.governance.approvals import card_approval
+from server.core.governance.cards import ModelCard
 from server.core.monitoring.feedback import FeedbackOutcome, Label
 from server.core.monitoring.worker import MonitoringWorker
 from server.core.registry import ModelEntry, ModelRegistry, ModelVersion
-from server.core.routing import Route, Router
+from server.core.routing import Reason, Route, Router
 from server.core.runtimes import DEFAULT_PLATFORMS, PLATFORMS
 from server.core.service import InferenceRequest, InferenceResult, InferenceService
-from server.errors import InvalidInput, ModelNotFound, Unsupported
+from server.core.steering import Steering, TrafficView
+from server.errors import InvalidInput, ModelNotFound, ServingError, Unsupported
 
 SERVER_NAME = "sluice"
 
@@ -62,6 +68,8 @@ class DataPlane:
         strict_readiness: bool = False,
         repository_control: bool = True,
         monitoring: MonitoringWorker | None = None,
+        governance: Governance | None = None,
+        steering: Steering | None = None,
     ) -> None:
         self._registry = registry
         self._router: Router = registry.router
@@ -69,17 +77,25 @@ class DataPlane:
         self._strict = strict_readiness
         self._control = repository_control
         self._monitoring = monitoring
+        self._governance = governance
+        self._steering = steering
+        self._watched: set[str] = steering.watched if steering is not None else set()
         self._ids = RequestIds()
 
     # -- inference ------------------------------------------------------------
 
-    def route(self, model: str, version: int | None = None) -> Route:
+    def route(self, model: str, version: int | None = None, key: str | None = None) -> Route:
         """Where a request for ``model`` goes; fails for unknown or unready models.
 
-        An edge may call this before it reads the request body, and hand the
-        route to ``infer`` so that the model is resolved once.
+        ``key`` is the request's routing key (sticky canary routing). An edge
+        may call this before it reads the request body, and hand the route to
+        ``infer`` so that the model is resolved once.
         """
-        return self._router.choose(model, version)
+        return self._router.choose(model, version, key)
+
+    def routing_key_header(self, model: str) -> bytes | None:
+        """The lower-case header whose value is a routing key for ``model``; None: not needed."""
+        return self._router.key_header(model)
 
     def infer(
         self, request: InferenceRequest, route: Route | None = None
@@ -94,7 +110,53 @@ class DataPlane:
             request.id = self._ids.next()
         if route is None:
             route = self._router.choose(request.model, request.version)
+        if self._watched and route.reason is not Reason.EXPLICIT and request.model in self._watched:
+            return self._watched_infer(route, request)
         return self._service.infer(route, request)
+
+    async def _watched_infer(self, route: Route, request: InferenceRequest) -> InferenceResult:
+        """An answer whose figures the rollout compares (a canary or shadows are set)."""
+        assert self._steering is not None
+        rollout = self._steering.rollout
+        started = time.perf_counter()
+        try:
+            result = await self._service.infer(route, request)
+        except ServingError:
+            rollout.served(route, False, time.perf_counter() - started, request, None)
+            raise
+        rollout.served(route, True, time.perf_counter() - started, request, result)
+        return result
+
+    # -- traffic --------------------------------------------------------------------------
+
+    def traffic(self, name: str) -> TrafficView:
+        """The traffic document of ``name``, where its rollout stands and the live figures."""
+        return self._steer().view(name)
+
+    async def set_traffic(
+        self, name: str, document: Any, actor: str = "api", reason: str = ""
+    ) -> TrafficView:
+        """Replace the traffic document whole (``InvalidInput`` names what is wrong)."""
+        return await self._steer().put(name, document, actor, reason)
+
+    async def steer(
+        self, name: str, action: str, actor: str = "api", reason: str = ""
+    ) -> TrafficView:
+        """``promote``, ``rollback``, ``pause`` or ``resume`` a model's canary by hand."""
+        steering = self._steer()
+        self._router.entry(name)
+        if action == "promote":
+            return await steering.promote(name, actor, reason)
+        if action == "rollback":
+            return await steering.rollback(name, actor, reason)
+        if action in ("pause", "resume"):
+            return await steering.pause(name, actor, reason, paused=action == "pause")
+        raise InvalidInput(f"unknown traffic action '{action}' (promote, rollback, pause, resume)")
+
+    def _steer(self) -> Steering:
+        if self._steering is None:
+            raise Unsupported("traffic control is not available in this process")
+        return self._steering
 
     # -- health and metadata --------------------------------------------------
 
@@ -155,10 +217,13 @@ class DataPlane:
             rows = [r for r in rows if r.state is VersionState.READY]
         return rows
 
-    async def load(self, name: str) -> ModelInfo:
+    async def load(self, name: str, *, actor: str = "api") -> ModelInfo:
         """Load or reload ``name`` from the repository; ``InvalidInput`` if nothing can serve."""
         self._check_control()
         entry = await self._registry.load(name)
+        audit = self._governance.audit if self._governance else None
+        if audit is not None:
+            audit.record_entry(Action.LOAD, entry, actor=actor, reason="load request")
         if not entry.ready_versions():
             reason = entry.error or "; ".join(
                 f"version {v.version}: {v.reason}" for v in entry.versions.values()
@@ -166,14 +231,65 @@ class DataPlane:
             raise InvalidInput(f"failed to load '{name}': {reason}")
         return self._info(entry, self._router.shown(name))
 
-    async def unload(self, name: str) -> None:
+    async def unload(self, name: str, *, actor: str = "api") -> None:
         """Stop serving ``name``; requests already queued still finish."""
         self._check_control()
         await self._registry.unload(name)
+        entry = self._registry.models.get(name)
+        audit = self._governance.audit if self._governance else None
+        if audit is not None and entry is not None:
+            audit.record_entry(Action.UNLOAD, entry, actor=actor, reason="unload request")
 
     def _check_control(self) -> None:
         if not self._control:
             raise Unsupported("repository load/unload is disabled (repository_control: false)")
+
+    # -- governance -----------------------------------------------------------
+
+    @property
+    def approval_required(self) -> bool:
+        """Whether a version needs an approval to take primary or canary traffic."""
+        return self._governance is not None and self._governance.require_approval
+
+    def approval(self, name: str, version: int) -> Approval | None:
+        """How ``name`` version ``version`` was approved (admin call, else card), or None."""
+        mv = self._served(name, version)
+        card = mv.source.card if mv.source is not None else {}
+        if self._governance is None:
+            return card_approval(name, version, card)
+        return self._governance.approval(name, version, mv.sha256, card)
+
+    def check_approved(self, name: str, version: int) -> None:
+        """``InvalidInput`` when approval is required and the version has none."""
+        if self.approval_required and self.approval(name, version) is None:
+            raise InvalidInput(
+                f"model '{name}' version {version} is not approved "
+                "(governance.require_approval: approve it first)"
+            )
+
+    async def approve(
+        self, name: str, version: int, actor: str, reason: str, *, key_id: str = ""
+    ) -> Approval:
+        """Approve the artifact ``name`` version ``version`` serves; persisted and audited."""
+        mv = self._served(name, version)
+        if self._governance is None:
+            raise Unsupported("approvals are disabled on this data plane")
+        figures = {"key_id": key_id} if key_id else None
+        return await asyncio.to_thread(
+            self._governance.approve, name, version, mv.sha256, actor, reason, figures
+        )
+
+    def card(self, name: str, version: int) -> ModelCard:
+        """The model card of one served version."""
+        mv = self._served(name, version)
+        return ModelCard.of(name, version, mv.sha256, mv.source.card if mv.source else {})
+
+    def _served(self, name: str, version: int) -> ModelVersion:
+        entry = self._router.entry(name)
+        mv = entry.versions.get(version)
+        if mv is None:
+            raise ModelNotFound.version(name, version, entry.versions)
+        return mv
 
     # -- monitoring -----------------------------------------------------------
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.core.runtimes import RuntimeKind
 from server.core.signature import Datatype, Signature, TensorSpec
+from server.core.traffic import TrafficDocument
 
 
 class _Strict(BaseModel):
@@ -103,6 +104,7 @@ class ModelConfig(_Strict):
     runtime_options: dict[str, Any] = Field(default_factory=dict)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    traffic: TrafficDocument | None = None
     version_policy: VersionPolicy = Field(default_factory=lambda: VersionPolicy(latest=1))
 
     @model_validator(mode="after")

@@ -1,30 +1,40 @@
 """Which version answers: the one home of version choice.
 
-Two questions are answered here and nowhere else:
+Three questions are answered here and nowhere else:
 
 - which version folders a model serves (its ``version_policy``), asked by the
   registry when it loads a model;
-- which served version answers a request: an explicit version always wins,
-  otherwise the model's primary, today the highest ready version.
+- which served version answers a request: an explicit version always wins;
+  otherwise the canary for its weight (by routing key when the request has
+  one, else at random), else the primary (the traffic document's, else the
+  highest ready version), else, when that is not ready, the highest ready
+  version as a fallback;
+- which versions see a copy of it (shadows) or score it alongside (the
+  primary next to a sampled share of the canary's requests).
 
 The registry tells the router whenever a model's versions change
-(``update``), so that choosing costs two dict lookups per request and never
-sorts versions. Canary weights, sticky routing keys and shadows extend
-``choose`` and ``Route``.
+(``update``) and the data plane when its traffic document changes
+(``set_traffic``), so that choosing costs a few dict lookups per request and
+never sorts versions.
 """
 
 from __future__ import annotations
 
+import hashlib
+import random
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from server.core.catalog import VersionState
 from server.core.model_config import VersionPolicy
+from server.core.traffic import TrafficDocument
 from server.errors import ModelNotFound, ModelNotReady
 
 if TYPE_CHECKING:
     from server.core.registry import ModelEntry, ModelVersion
+
+BUCKETS = 10_000  # routing keys hash into this many buckets: weights to 0.01 %
 
 
 class Reason(StrEnum):
@@ -32,14 +42,25 @@ class Reason(StrEnum):
 
     EXPLICIT = "explicit"  # /versions/{v} in the URL
     PRIMARY = "primary"  # the model's primary version
+    CANARY = "canary"  # the canary's share of the traffic
+    FALLBACK = "fallback"  # the primary is not ready: the highest ready version
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """A version that scores a copy of a request off the hot path."""
+
+    version: ModelVersion
+    sample: float  # share of the route's requests copied
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Where one request goes: the version that serves it, and why that one."""
+    """Where one request goes: the version that serves it, why, and who else scores it."""
 
     serving: ModelVersion
     reason: Reason = Reason.PRIMARY
+    copies: tuple[Copy, ...] = ()  # shadows (of the primary), the primary (of the canary)
 
 
 @dataclass(slots=True)
@@ -47,13 +68,25 @@ class _Model:
     entry: ModelEntry
     primary: Route | None
     routes: dict[int, Route] = field(default_factory=dict)
+    canary: Route | None = None
+    weight: float = 0.0  # percent
+    fallback: Route | None = None
+    key_header: bytes | None = None  # lower-case header name, when a canary is set
+
+
+def bucket(key: str) -> int:
+    """The stable bucket of a routing key: the same key, the same bucket, on every replica."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % BUCKETS
 
 
 class Router:
-    """Chooses the version for every request; kept current by the registry."""
+    """Chooses the version for every request; kept current by the registry and the data plane."""
 
     def __init__(self) -> None:
         self._models: dict[str, _Model] = {}
+        self._traffic: dict[str, TrafficDocument] = {}
+        self._random = random.random
 
     @staticmethod
     def select(policy: VersionPolicy, available: list[int]) -> list[int]:
@@ -66,15 +99,48 @@ class Router:
             return [v for v in ordered if v in wanted]
         return ordered[-(policy.latest or 1) :]
 
+    def traffic(self, name: str) -> TrafficDocument:
+        """The traffic document in force for ``name`` (model.yaml's until one is set)."""
+        return self._document(self.entry(name))
+
+    def _document(self, entry: ModelEntry) -> TrafficDocument:
+        found = self._traffic.get(entry.name)
+        if found is None and entry.config is not None and entry.config.traffic is not None:
+            found = entry.config.traffic
+        return found if found is not None else TrafficDocument()
+
+    def set_traffic(self, name: str, document: TrafficDocument) -> None:
+        """Apply a (validated) traffic document to ``name`` at once."""
+        self._traffic[name] = document
+        self.update(self.entry(name))
+
     def update(self, entry: ModelEntry) -> None:
         """A model was loaded, reloaded or unloaded: recompute where its requests go."""
-        routes = {v: Route(mv, Reason.EXPLICIT) for v, mv in entry.versions.items()}
-        ready = [mv for _, mv in sorted(entry.versions.items()) if mv.state is VersionState.READY]
-        primary = Route(ready[-1], Reason.PRIMARY) if ready else None
-        self._models[entry.name] = _Model(entry, primary, routes)
+        doc = self._document(entry)
+        versions = entry.versions
+        ready = [mv for _, mv in sorted(versions.items()) if mv.state is VersionState.READY]
+        highest = ready[-1] if ready else None
+        chosen = versions.get(int(doc.primary)) if doc.primary else highest
+        shadows = tuple(
+            Copy(versions[int(s.version)], s.sample)
+            for s in doc.shadows
+            if int(s.version) in versions and s.sample > 0
+        )
+        model = _Model(entry, Route(chosen, Reason.PRIMARY, shadows) if chosen else None)
+        model.routes = {v: Route(mv, Reason.EXPLICIT) for v, mv in versions.items()}
+        if highest is not None and highest is not chosen:
+            model.fallback = Route(highest, Reason.FALLBACK, shadows)
+        canary = doc.canary
+        if canary is not None and canary.weight > 0 and int(canary.version) in versions and chosen:
+            pair = (Copy(chosen, doc.analysis.pair_sample),) if doc.analysis.pair_sample else ()
+            model.canary = Route(versions[int(canary.version)], Reason.CANARY, pair)
+            model.weight = canary.weight
+            model.key_header = doc.routing_key_header.lower().encode("latin-1")
+        self._models[entry.name] = model
 
     def forget(self, name: str) -> None:
         self._models.pop(name, None)
+        self._traffic.pop(name, None)
 
     def entry(self, name: str) -> ModelEntry:
         """The model called ``name``; ``ModelNotFound`` when there is none."""
@@ -83,23 +149,38 @@ class Router:
             raise ModelNotFound.model(name)
         return model.entry
 
-    def choose(self, name: str, version: int | None = None) -> Route:
+    def key_header(self, name: str) -> bytes | None:
+        """The header whose value routes a request of ``name`` stickily; None: no canary."""
+        model = self._models.get(name)
+        return model.key_header if model is not None else None
+
+    def choose(self, name: str, version: int | None = None, key: str | None = None) -> Route:
         """The route of one request; raises ``ModelNotFound`` or ``ModelNotReady``."""
         model = self._models.get(name)
         if model is None:
             raise ModelNotFound.model(name)
-        if version is None:
-            primary = model.primary
-            if primary is not None and primary.serving.state is VersionState.READY:
-                return primary
-            raise ModelNotReady(f"model '{name}' has no ready version: {model.entry.why()}")
-        route = model.routes.get(version)
-        if route is None:
-            raise ModelNotFound.version(name, version, model.routes)
-        mv = route.serving
-        if mv.state is not VersionState.READY:
-            raise ModelNotReady(f"model '{name}' version {version} is not ready: {mv.reason}")
-        return route
+        if version is not None:
+            route = model.routes.get(version)
+            if route is None:
+                raise ModelNotFound.version(name, version, model.routes)
+            mv = route.serving
+            if mv.state is not VersionState.READY:
+                raise ModelNotReady(f"model '{name}' version {version} is not ready: {mv.reason}")
+            return route
+        canary = model.canary
+        if canary is not None and canary.serving.state is VersionState.READY:
+            if key is not None:
+                if bucket(key) < model.weight * (BUCKETS / 100):
+                    return canary
+            elif self._random() * 100 < model.weight:
+                return canary
+        primary = model.primary
+        if primary is not None and primary.serving.state is VersionState.READY:
+            return primary
+        fallback = model.fallback
+        if fallback is not None and fallback.serving.state is VersionState.READY:
+            return fallback
+        raise ModelNotReady(f"model '{name}' has no ready version: {model.entry.why()}")
 
     def shown(self, name: str, version: int | None = None) -> ModelVersion | None:
         """The version a metadata request describes.
@@ -116,7 +197,8 @@ class Router:
             if route is None:
                 raise ModelNotFound.version(name, version, model.routes)
             return route.serving
-        if model.primary is not None and model.primary.serving.state is VersionState.READY:
-            return model.primary.serving
+        for route in (model.primary, model.fallback):
+            if route is not None and route.serving.state is VersionState.READY:
+                return route.serving
         versions = model.entry.versions
         return versions[max(versions)] if versions else None

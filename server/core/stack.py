@@ -18,6 +18,7 @@ from server.core.registry import ModelRegistry
 from server.core.repository import ModelRepository
 from server.core.routing import Router
 from server.core.service import InferenceService, Observer
+from server.core.steering import Steering, TrafficStates
 from server.core.store import SharedStore
 
 
@@ -48,13 +49,19 @@ async def open_dataplane(
                 monitoring.worker.share(store, registry.version)
             monitoring.start(registry, store)
             observers = (*observers, *monitoring.observers)
-        yield DataPlane(
-            registry,
-            InferenceService(observers),
-            strict_readiness=settings.strict_readiness,
-            repository_control=settings.repository_control,
-            monitoring=monitoring.worker if monitoring else None,
-        )
+        steering = Steering(registry, TrafficStates(settings.model_repository, store))
+        await steering.start()
+        try:
+            yield DataPlane(
+                registry,
+                InferenceService(observers),
+                strict_readiness=settings.strict_readiness,
+                repository_control=settings.repository_control,
+                monitoring=monitoring.worker if monitoring else None,
+                steering=steering,
+            )
+        finally:
+            await steering.close()
     finally:
         await registry.close()
         if monitoring is not None:

@@ -26,6 +26,7 @@ from server.http.infer import HotRoutes, InferEndpoint
 from server.http.monitoring import MonitoringApi
 from server.http.routes import V2Api
 from server.http.telemetry import EdgeTelemetry, TelemetryMiddleware
+from server.http.traffic import TrafficApi
 from server.telemetry import open_telemetry
 
 log = logging.getLogger("sluice.http")
@@ -43,6 +44,7 @@ def create_app(settings: Settings, access: Sequence[Layer] = ()) -> ASGIApp:
     endpoint = InferEndpoint(handle, settings.max_request_bytes, settings.retry_after_s)
     api = V2Api(handle, endpoint, settings.max_request_bytes)
     monitoring_api = MonitoringApi(handle, settings.max_request_bytes)
+    traffic_api = TrafficApi(handle, settings.max_request_bytes)
     edge = EdgeTelemetry()
 
     @asynccontextmanager
@@ -89,7 +91,7 @@ def create_app(settings: Settings, access: Sequence[Layer] = ()) -> ASGIApp:
         return internal_error_response(exc)
 
     router = Starlette(
-        routes=[*api.routes(), *monitoring_api.routes()],
+        routes=[*api.routes(), *monitoring_api.routes(), *traffic_api.routes()],
         lifespan=lifespan,
         exception_handlers={
             ServingError: on_serving_error,

@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from server.core.routing import Reason
 from server.errors import InvalidInput, ServingError
 from server.http.codec import HEADER_LENGTH, decode_infer, decompress, encode_infer
 from server.http.errors import error_response, serving_error_response
@@ -59,7 +60,13 @@ class InferEndpoint:
             version = parse_version(params.get("version"))
             plane = self.handle.get()
             # Unknown and unready models are refused before the body is read.
-            route = plane.route(name, version)
+            key_header = plane.routing_key_header(name) if version is None else None
+            key = None
+            if key_header is not None:  # a canary is set: route by key, stickily
+                key = next(
+                    (v.decode("latin-1") for k, v in scope["headers"] if k == key_header), None
+                )
+            route = plane.route(name, version, key)
             headers = {k: v.decode("latin-1") for k, v in scope["headers"] if k in _WANTED}
             body = await read_body(receive, headers.get(b"content-length"), self.limit)
             if isinstance(body, Response):
@@ -83,6 +90,9 @@ class InferEndpoint:
             ]
         payload = _compress(payload, headers.get(b"accept-encoding", ""), raw)
         raw.append((b"content-length", str(len(payload)).encode()))
+        raw.append((b"x-model-version", str(result.version).encode()))
+        if route.reason is Reason.FALLBACK:
+            raw.append((b"x-model-fallback", b"true"))
         await send({"type": "http.response.start", "status": 200, "headers": raw})
         await send({"type": "http.response.body", "body": payload})
 

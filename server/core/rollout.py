@@ -1,0 +1,364 @@
+"""Live comparison of a model's canary and shadows against its primary, and the analysis
+that moves a canary through its steps or rolls it back.
+
+Everything here runs off the hot path: a watched request costs two counter
+updates and a ring-buffer write; copies for shadows and for canary pairing go
+through a bounded queue (full: dropped and counted) to one background task,
+and their failures or slowness never reach a client.
+
+Figures per version, against the primary: requests, error rate, p50/p99
+latency (the last ``LATENCY_WINDOW`` answers), the score distribution over
+``SCORE_BINS`` fixed bins on [0, 1] (scores outside are clipped) and its
+Jensen-Shannon distance to the primary's, and for exact pairs (the same
+request scored by both) the agreement of decisions at ``decision_threshold``
+and the mean absolute score difference. The score is the first output's first
+column (a probability for the example models).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server.core.registry import ModelVersion
+from server.core.routing import Copy, Reason, Route
+from server.core.service import InferenceRequest, InferenceResult
+from server.core.signature import validate_inputs
+from server.core.traffic import Analysis, RolloutState
+
+log = logging.getLogger("sluice.rollout")
+
+LATENCY_WINDOW = 10_000
+SCORE_BINS = 20
+COPY_QUEUE = 1_000
+
+
+@dataclass(slots=True)
+class Arm:
+    """The live figures of one version since the current step began."""
+
+    requests: int = 0
+    errors: int = 0
+    latencies: np.ndarray = field(default_factory=lambda: np.zeros(LATENCY_WINDOW))
+    filled: int = 0
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(SCORE_BINS, dtype=np.int64))
+
+    def served(self, ok: bool, seconds: float, outputs: InferenceResult | None) -> None:
+        self.requests += 1
+        if not ok:
+            self.errors += 1
+            return
+        self.latencies[self.filled % LATENCY_WINDOW] = seconds
+        self.filled += 1
+        if outputs is not None:
+            self.scored(first_scores(outputs))
+
+    def scored(self, scores: np.ndarray) -> None:
+        bins = np.clip((scores * SCORE_BINS).astype(np.int64), 0, SCORE_BINS - 1)
+        self.scores += np.bincount(bins, minlength=SCORE_BINS)
+
+    def percentile(self, q: float) -> float | None:
+        count = min(self.filled, LATENCY_WINDOW)
+        return float(np.percentile(self.latencies[:count], q)) if count else None
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+
+@dataclass(slots=True)
+class Pairs:
+    """Rows scored by both the candidate and the primary."""
+
+    rows: int = 0
+    agreeing: int = 0
+    abs_diff: float = 0.0
+    failed: int = 0  # copies the candidate failed on
+    dropped: int = 0  # copies dropped on a full queue
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agreeing / self.rows if self.rows else None
+
+
+@dataclass(frozen=True, slots=True)
+class ArmReport:
+    version: int
+    role: str  # primary | canary | shadow
+    requests: int
+    error_rate: float
+    p50_ms: float | None
+    p99_ms: float | None
+    score_divergence: float | None  # Jensen-Shannon distance to the primary's scores
+    paired_rows: int
+    agreement: float | None
+    mean_abs_score_diff: float | None
+    copies_failed: int
+    copies_dropped: int
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The outcome of one analysis of the canary."""
+
+    at: float  # epoch seconds
+    weight: float
+    verdict: str  # pass | breach | inconclusive
+    reasons: tuple[str, ...]
+    canary: ArmReport | None
+    primary: ArmReport | None
+
+
+@dataclass(slots=True)
+class Status:
+    """Where a model's rollout stands."""
+
+    state: RolloutState = RolloutState.STABLE
+    step: int = -1  # index into analysis.steps; -1 before the first step
+    reason: str = ""
+    last: Verdict | None = None
+    paused: bool = False
+    step_started: float = 0.0
+
+
+@dataclass(slots=True)
+class _Watch:
+    primary: Arm = field(default_factory=Arm)
+    arms: dict[int, Arm] = field(default_factory=dict)
+    pairs: dict[int, Pairs] = field(default_factory=dict)
+
+    def arm(self, version: int) -> Arm:
+        found = self.arms.get(version)
+        if found is None:
+            found = self.arms[version] = Arm()
+        return found
+
+    def pair(self, version: int) -> Pairs:
+        found = self.pairs.get(version)
+        if found is None:
+            found = self.pairs[version] = Pairs()
+        return found
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    model: str
+    key: int  # the version whose pairs these are (the shadow's, or the canary's)
+    candidate: ModelVersion  # scores the copy
+    primary_scores: np.ndarray | None  # None: the candidate is the primary, pairing a canary
+    canary_scores: np.ndarray | None
+    request: InferenceRequest
+
+
+def first_scores(result: InferenceResult) -> np.ndarray:
+    array = next(iter(result.outputs.values()))
+    column = array.reshape(array.shape[0], -1)[:, 0] if array.ndim else array.reshape(1)
+    return np.asarray(column, dtype=np.float64)
+
+
+def js_distance(p: np.ndarray, q: np.ndarray) -> float | None:
+    """Jensen-Shannon distance (base 2, in [0, 1]) between two histograms."""
+    if p.sum() == 0 or q.sum() == 0:
+        return None
+    p = p / p.sum()
+    q = q / q.sum()
+    m = (p + q) / 2
+
+    def kl(a: np.ndarray) -> float:
+        mask = a > 0
+        return float(np.sum(a[mask] * np.log2(a[mask] / m[mask])))
+
+    return math.sqrt(max(0.0, (kl(p) + kl(q)) / 2))
+
+
+class Rollout:
+    """Watches every model with a canary or shadows; judges canaries on request."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._watches: dict[str, _Watch] = {}
+        self.status: dict[str, Status] = {}
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=COPY_QUEUE)
+        self._task: asyncio.Task[None] | None = None
+        self._random = np.random.default_rng().random
+        self._thresholds: dict[str, float] = {}  # decision_threshold per model
+
+    # -- the serving path (must return at once) ----------------------------------------
+
+    def served(
+        self,
+        route: Route,
+        ok: bool,
+        seconds: float,
+        request: InferenceRequest,
+        result: InferenceResult | None,
+    ) -> None:
+        watch = self._watch(route.serving.name)
+        mv = route.serving
+        arm = watch.arm(mv.version) if route.reason is Reason.CANARY else watch.primary
+        arm.served(ok, seconds, result)
+        if result is None:
+            return
+        for copy in route.copies:
+            if self._random() < copy.sample:
+                self._offer(route, copy, request, result, watch)
+
+    def _offer(
+        self,
+        route: Route,
+        copy: Copy,
+        request: InferenceRequest,
+        result: InferenceResult,
+        watch: _Watch,
+    ) -> None:
+        scores = first_scores(result)
+        canary = route.reason is Reason.CANARY
+        key = route.serving.version if canary else copy.version.version
+        job = _Job(
+            route.serving.name,
+            key,
+            copy.version,
+            None if canary else scores,
+            scores if canary else None,
+            InferenceRequest(route.serving.name, request.inputs, None, None, request.id),
+        )
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            watch.pair(key).dropped += 1
+            return
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    # -- copies, in the background ------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            job = await self._queue.get()
+            try:
+                await self._score(job)
+            except Exception:  # a copy must never stop the others
+                log.exception("scoring a copy for %s failed", job.model)
+
+    async def _score(self, job: _Job) -> None:
+        mv = job.candidate
+        watch = self._watch(job.model)
+        canary_pair = job.primary_scores is None
+        pairs = watch.pair(job.key)
+        dispatcher = mv.cache.inner if mv.cache is not None else mv.dispatcher
+        started = time.perf_counter()
+        try:
+            if dispatcher is None:
+                raise RuntimeError("version is not loaded")
+            inputs, rows = validate_inputs(mv.name, mv.signature, job.request.inputs)
+            outputs = await dispatcher.submit(inputs, rows)
+        except Exception:
+            pairs.failed += 1
+            if not canary_pair:
+                watch.arm(mv.version).served(False, 0.0, None)
+            return
+        array = outputs[mv.signature.outputs[0].name]
+        scores = np.asarray(array.reshape(array.shape[0], -1)[:, 0], dtype=np.float64)
+        if not canary_pair:
+            arm = watch.arm(mv.version)
+            arm.served(True, time.perf_counter() - started, None)
+            arm.scored(scores)
+            self._pair(pairs, scores, job.primary_scores, job.model)
+        else:
+            self._pair(pairs, job.canary_scores, scores, job.model)
+
+    def _pair(
+        self, pairs: Pairs, candidate: np.ndarray | None, primary: np.ndarray | None, model: str
+    ) -> None:
+        if candidate is None or primary is None or candidate.shape != primary.shape:
+            pairs.failed += 1
+            return
+        threshold = self._thresholds.get(model, 0.5)
+        pairs.rows += len(candidate)
+        pairs.agreeing += int(np.sum((candidate >= threshold) == (primary >= threshold)))
+        pairs.abs_diff += float(np.sum(np.abs(candidate - primary)))
+
+    # -- reports and the analysis ---------------------------------------------------------
+
+    def watch(self, model: str, threshold: float) -> None:
+        """(Re)start watching ``model``: figures begin anew (a new step, a new document)."""
+        self._watches[model] = _Watch()
+        self._thresholds[model] = threshold
+
+    def _watch(self, model: str) -> _Watch:
+        found = self._watches.get(model)
+        if found is None:
+            found = self._watches[model] = _Watch()
+        return found
+
+    def reports(self, model: str, primary: int | None, roles: dict[int, str]) -> list[ArmReport]:
+        watch = self._watch(model)
+        out = []
+        if primary is not None:
+            out.append(_report(primary, "primary", watch.primary, None, None))
+        for version, role in sorted(roles.items()):
+            arm = watch.arms.get(version, Arm())
+            out.append(_report(version, role, arm, watch.primary, watch.pairs.get(version)))
+        return out
+
+    def judge(self, model: str, primary: int, canary: int, weight: float, a: Analysis) -> Verdict:
+        """One analysis of the canary against the primary, with the limits of ``a``."""
+        watch = self._watch(model)
+        canary_arm = watch.arms.get(canary, Arm())
+        c = _report(canary, "canary", canary_arm, watch.primary, watch.pairs.get(canary))
+        p = _report(primary, "primary", watch.primary, None, None)
+        breaches = []
+        if c.requests < a.min_requests:
+            return Verdict(
+                self._clock(), weight, "inconclusive",
+                (f"{c.requests} canary requests, fewer than min_requests {a.min_requests}",),
+                c, p,
+            )  # fmt: skip
+        if c.error_rate > a.max_error_rate:
+            breaches.append(f"error rate {c.error_rate:.4f} > {a.max_error_rate}")
+        if c.p99_ms is not None and p.p99_ms and c.p99_ms / p.p99_ms > a.max_p99_ratio:
+            breaches.append(f"p99 {c.p99_ms:.2f} ms is {c.p99_ms / p.p99_ms:.2f}x the primary's")
+        if c.agreement is not None and c.agreement < a.min_agreement:
+            breaches.append(f"agreement {c.agreement:.4f} < {a.min_agreement}")
+        divergence = c.score_divergence
+        if divergence is not None and divergence > a.max_score_divergence:
+            breaches.append(f"score divergence {divergence:.4f} > {a.max_score_divergence}")
+        verdict = "breach" if breaches else "pass"
+        return Verdict(self._clock(), weight, verdict, tuple(breaches), c, p)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def _report(
+    version: int, role: str, arm: Arm, primary: Arm | None, pairs: Pairs | None
+) -> ArmReport:
+    divergence = js_distance(arm.scores, primary.scores) if primary is not None else None
+    rows = pairs.rows if pairs else 0
+    return ArmReport(
+        version=version,
+        role=role,
+        requests=arm.requests,
+        error_rate=round(arm.error_rate, 6),
+        p50_ms=_ms(arm.percentile(50)),
+        p99_ms=_ms(arm.percentile(99)),
+        score_divergence=None if divergence is None else round(divergence, 6),
+        paired_rows=rows,
+        agreement=pairs.agreement if pairs else None,
+        mean_abs_score_diff=round(pairs.abs_diff / rows, 6) if pairs and rows else None,
+        copies_failed=pairs.failed if pairs else 0,
+        copies_dropped=pairs.dropped if pairs else 0,
+    )
