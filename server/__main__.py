@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="dynamic batching (per-model settings still apply)",
     )
+    serve.add_argument("--ssl-certfile", type=Path, help="PEM certificate chain: serve HTTPS")
+    serve.add_argument("--ssl-keyfile", type=Path, help="PEM private key of the certificate")
+    serve.add_argument(
+        "--ssl-ca-certs", type=Path, help="CA bundle; clients must present a certificate it signed"
+    )
 
     batch_cli.add_parser(commands)
 
@@ -60,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from(args: argparse.Namespace, *names: str) -> Settings:
     flags: dict[str, Any] = {name: getattr(args, name, None) for name in names}
     flags["model_repository"] = args.model_repository
+    tls = {
+        f"tls_{part}": getattr(args, f"ssl_{part}", None)
+        for part in ("certfile", "keyfile", "ca_certs")
+    }
+    if any(value is not None for value in tls.values()):
+        flags["security"] = {k: v for k, v in tls.items() if v is not None}
     return load_settings(args.config, flags=flags)
 
 
@@ -117,15 +128,20 @@ def serve(settings: Settings) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    from server.http.serving import exposure_warnings, uvicorn_options
+
+    app = create_app(settings)
+    for warning in exposure_warnings(settings):
+        logging.getLogger("sluice.security").warning(warning)
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
         log_level=settings.log_level,
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+        **uvicorn_options(settings),
     )
     return 0
 

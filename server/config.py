@@ -204,13 +204,25 @@ class SecuritySettings(BaseModel):
         "(unset: no rate limit). Shared through Redis when redis.url is set",
     )
 
+    tls_certfile: Path | None = Field(default=None, description="PEM certificate chain: HTTPS")
+    tls_keyfile: Path | None = Field(default=None, description="PEM private key of the certificate")
+    tls_ca_certs: Path | None = Field(
+        default=None, description="CA bundle: clients must present a certificate it signed (mTLS)"
+    )
+
     _valid_rate = field_validator("rate_limit")(lambda cls, v: _checked_rate(v))
 
     @model_validator(mode="after")
-    def _unique(self) -> SecuritySettings:
+    def _consistent(self) -> SecuritySettings:
         ids = [key.id for key in self.keys]
         if len(set(ids)) != len(ids):
             raise ValueError(f"key ids must be unique, got {ids}")
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("tls_certfile and tls_keyfile go together")
+        if self.tls_ca_certs is not None and self.tls_certfile is None:
+            raise ValueError(
+                "tls_ca_certs (client certificates) needs tls_certfile and tls_keyfile"
+            )
         return self
 
     @property

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import ipaddress
 import logging
 import os
 import time
@@ -29,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.config import ApiKeySettings, ConfigError, SecuritySettings, Settings, parse_rate
+from server.config import ApiKeySettings, ConfigError, SecuritySettings, parse_rate
 from server.http.errors import error_response
 
 log = logging.getLogger("sluice.security")
@@ -311,23 +310,3 @@ async def _refuse(
     status: int, message: str, challenge: str, scope: Scope, receive: Receive, send: Send
 ) -> None:
     await error_response(status, message, {"WWW-Authenticate": challenge})(scope, receive, send)
-
-
-def exposure_warning(settings: Settings) -> str | None:
-    """The start-up warning for a non-loopback bind without keys, else None."""
-    if settings.security.authenticated or _loopback(settings.host):
-        return None
-    return (
-        f"SECURITY: serving on {settings.host}:{settings.port} WITHOUT API KEYS: anyone who "
-        "can reach this address can run predictions and load or unload models. Configure "
-        "security.keys or security.keys_file, or bind to 127.0.0.1 behind a gateway."
-    )
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a name: it may resolve to anything

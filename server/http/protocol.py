@@ -1,0 +1,254 @@
+"""uvicorn's httptools protocol with the limits a server facing the internet needs.
+
+uvicorn (0.54, httptools) caps none of these, and each was a defect found by
+a hostile client:
+
+- connections: at ``max_connections`` an idle connection (no request in
+  progress) is closed to make room for the new one, else the new one gets a
+  503 and is closed, so probes keep working while idle sockets pile up;
+- the request line and headers: ``max_header_bytes`` (else 431) and
+  ``header_timeout_s`` from the connection or the request's first byte (else
+  408), which also closes connections that never send anything;
+- the body: ``body_timeout_s`` once the headers are in (a body that never
+  ends, or a Content-Length it never reaches, gets a 408);
+- requests being answered at once: ``max_concurrent_requests``, then a 503
+  with ``Retry-After`` before the app runs (health is exempt);
+- uvicorn's own 400 for unparseable requests is plain text: here it is the
+  ``{"error": ...}`` body every other refusal has.
+
+Deadlines cost a float store per request phase, not a timer: one sweep a
+second walks the connections and cuts off those past their deadline (the
+timeouts are seconds long; a second of slack is fine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
+
+log = logging.getLogger("sluice.http")
+
+SWEEP_S = 1.0
+_HEALTH = b"/v2/health/"
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """The limits every connection of one server process is held to."""
+
+    max_connections: int
+    max_concurrent_requests: int
+    header_timeout_s: float
+    body_timeout_s: float
+    max_header_bytes: int
+    retry_after_s: int = 1
+
+
+def raw_response(status: int, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
+    """A complete ``{"error": ...}`` answer that closes the connection, as bytes."""
+    body = orjson.dumps({"error": message})
+    head = [
+        STATUS_LINE[status],
+        b"content-type: application/json\r\n",
+        b"content-length: " + str(len(body)).encode() + b"\r\n",
+        b"connection: close\r\n",
+    ]
+    head += [name + b": " + value + b"\r\n" for name, value in extra]
+    return b"".join([*head, b"\r\n", body])
+
+
+async def _overloaded(scope: Any, receive: Any, send: Any, *, retry_after: bytes) -> None:
+    body = orjson.dumps({"error": "the server is answering too many requests; retry shortly"})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", retry_after),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Sweeper:
+    """Once a second, cuts off the connections of one server past their deadline."""
+
+    def __init__(self, connections: set[Any], loop: asyncio.AbstractEventLoop) -> None:
+        self._connections = connections
+        self._loop = loop
+        self._timer: asyncio.TimerHandle | None = None
+
+    def ensure(self) -> None:
+        if self._timer is None:
+            self._timer = self._loop.call_later(SWEEP_S, self._sweep)
+
+    def _sweep(self) -> None:
+        self._timer = None
+        now = time.monotonic()
+        for connection in list(self._connections):
+            if isinstance(connection, GuardedHttpProtocol):
+                connection.check_deadline(now)
+        if self._connections:
+            self.ensure()
+
+
+_SWEEPERS: weakref.WeakKeyDictionary[ServerState, _Sweeper] = weakref.WeakKeyDictionary()
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """``HttpToolsProtocol`` plus ``ConnectionLimits``; pass it as uvicorn's ``http``."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        limits: ConnectionLimits,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.limits = limits
+        sweeper = _SWEEPERS.get(server_state)
+        if sweeper is None:
+            sweeper = _SWEEPERS[server_state] = _Sweeper(self.connections, self.loop)
+        self._sweeper = sweeper
+        self._overloaded = _OverloadedApp(limits.retry_after_s)
+        self._head_bytes = 0
+        self._parsed = 0  # header blocks and messages completed on this connection
+        self._in_head = True  # reading a request line and headers (or waiting for one)
+        self._deadline = 0.0  # 0: none; else monotonic time the current phase must end by
+        self._phase = "request headers"
+
+    # -- connections -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections and not self._evict_idle():
+            log.warning("connection limit (%d) reached: refusing", self.limits.max_connections)
+            self._refuse(503, f"too many connections (limit {self.limits.max_connections})")
+            return
+        self._start_phase("request headers", self.limits.header_timeout_s)
+        self._sweeper.ensure()
+
+    def _evict_idle(self) -> bool:
+        # A walk of the connections, only while the server is full.
+        for other in self.connections:
+            if other is not self and isinstance(other, GuardedHttpProtocol) and other.idle:
+                other.transport.close()
+                return True
+        return False
+
+    @property
+    def idle(self) -> bool:
+        """No request is being answered: waiting between requests, or still sending headers.
+
+        A client that is still sending its headers when the server is full is slow or
+        hostile (slowloris); closing it costs an honest client one retry at most.
+        """
+        cycle = self.cycle
+        return self._in_head and (cycle is None or cycle.response_complete)
+
+    # -- phases and their deadlines --------------------------------------------
+
+    def _start_phase(self, phase: str, timeout_s: float) -> None:
+        self._phase = phase
+        self._deadline = time.monotonic() + timeout_s
+
+    def check_deadline(self, now: float) -> None:
+        """Called by the sweep: cut the connection off when its phase ran out of time."""
+        if not self._deadline or now < self._deadline or self.transport.is_closing():
+            return
+        timeout = (
+            self.limits.header_timeout_s
+            if self._phase == "request headers"
+            else self.limits.body_timeout_s
+        )
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started:
+            self.transport.close()  # an answer is under way: nothing more can be said
+            return
+        self._refuse(408, f"{self._phase} not received within {timeout:g} s")
+
+    def _refuse(
+        self, status: int, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()
+    ) -> None:
+        self._deadline = 0.0
+        cycle = self.cycle
+        if cycle is not None:
+            cycle.disconnected = True  # the app's own answer, if any, is not sent after this
+            cycle.message_event.set()
+        if not self.transport.is_closing():
+            self.transport.write(raw_response(status, message, extra))
+            self.transport.close()
+
+    # -- parsing ---------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        seen = self._parsed
+        super().data_received(data)
+        if seen == self._parsed and self._in_head and not self.transport.is_closing():
+            # Counted once the chunk is parsed, and only if it completed no header block and
+            # no message (then part of it was body): httptools holds one chunk more at most.
+            self._head_bytes += len(data)
+            if self._head_bytes > self.limits.max_header_bytes:
+                self._refuse(
+                    431, f"request line and headers exceed {self.limits.max_header_bytes} bytes"
+                )
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if not self._deadline:  # the first request's deadline runs from the connection
+            self._start_phase("request headers", self.limits.header_timeout_s)
+
+    def on_headers_complete(self) -> None:
+        self._parsed += 1
+        self._in_head = False
+        self._head_bytes = 0
+        self._start_phase("request body", self.limits.body_timeout_s)
+        if len(self.tasks) >= self.limits.max_concurrent_requests and not self.url.startswith(
+            _HEALTH
+        ):
+            # uvicorn's limit_concurrency in our answer's shape: the app slot, swapped for
+            # this one request (the chain never sees it).
+            app, self.app = self.app, self._overloaded
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = app
+            return
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._parsed += 1
+        self._in_head = True
+        self._deadline = 0.0
+        super().on_message_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        self._deadline = 0.0
+        if not self.transport.is_closing():
+            self.transport.write(raw_response(400, "the request is not valid HTTP/1.1"))
+            self.transport.close()
+
+
+class _OverloadedApp:
+    __slots__ = ("retry_after",)
+
+    def __init__(self, retry_after_s: int) -> None:
+        self.retry_after = str(retry_after_s).encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await _overloaded(scope, receive, send, retry_after=self.retry_after)
