@@ -1,7 +1,7 @@
 """The Ray engine: the same scoring inside Ray Data actors, for files too big for one machine.
 
 The driver checks the file against the model and pins the version exactly as
-the local engine does. Each actor opens the same core (``open_dataplane``) once
+the local engine does. Each actor opens the same core (``open_offline_plane``) once
 and scores every batch it is given through ``DataPlane.infer``, so a
 row gets the same output on either engine. Output is a directory of part
 files, moved into place when the whole dataset is written. Ray is an optional
@@ -26,17 +26,17 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from server.batch.core import open_offline_plane
 from server.batch.errors import BadRowError, BatchError, BatchUsageError
 from server.batch.features import BadRow, ScoringPlan, convert, output_batch, plan_scoring
 from server.batch.job import BatchJob, Format, OnError
 from server.batch.manifest import Counts
 from server.batch.progress import Progress
 from server.batch.readers import jsonl_options, parse_jsonl
-from server.batch.session import offline_settings, resolve_plan
+from server.batch.session import resolve_plan
 from server.batch.summary import BatchSummary
 from server.core.dataplane import DataPlane
 from server.core.service import InferenceRequest
-from server.core.stack import open_dataplane
 
 log = logging.getLogger("sluice.batch")
 TEXT_COLUMN = "text"
@@ -62,9 +62,9 @@ class RayScorer:
         self._job = job
         self._loop = asyncio.new_event_loop()
         self._stack = AsyncExitStack()
-        settings = offline_settings(job.settings).model_copy(update={"inference_threads": 1})
+        settings = job.settings.model_copy(update={"inference_threads": 1})
         self._plane: DataPlane = self._loop.run_until_complete(
-            self._stack.enter_async_context(open_dataplane(settings))
+            self._stack.enter_async_context(open_offline_plane(settings, job.model, job.chunk_rows))
         )
         self._route = self._plane.route(job.model, version)
         mv = self._route.serving

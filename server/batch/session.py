@@ -1,8 +1,7 @@
 """Opens what a batch run scores with: the input reader, the core, and the column plan.
 
-The core is the same data plane the HTTP edge uses (``open_dataplane``), with
-one override: dynamic batching is off, because a file chunk is already a
-batch and the micro-batcher exists to merge small concurrent requests. Each
+The core is the same data plane the HTTP edge uses, holding only the scored
+model, with dynamic batching off (``server.batch.core``). Each
 chunk still goes through ``DataPlane.infer``: same routing, signature
 validation, runtime, statistics and observers as an HTTP request.
 """
@@ -16,16 +15,15 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from server.batch.core import open_offline_plane
 from server.batch.errors import BatchUsageError
 from server.batch.features import ScoringPlan, input_bindings, plan_scoring
 from server.batch.job import BatchJob
 from server.batch.readers import ChunkReader, open_reader
 from server.batch.report import ChunkObserver, drift_report
-from server.config import Settings
 from server.core.dataplane import DataPlane
 from server.core.repository import ModelRepository, RepositoryError
 from server.core.routing import Route
-from server.core.stack import open_dataplane
 
 
 @dataclass(slots=True)
@@ -40,11 +38,6 @@ class ScoringSession:
     @property
     def observers(self) -> list[ChunkObserver]:
         return list(self.named_observers.values())
-
-
-def offline_settings(settings: Settings) -> Settings:
-    """The serving settings with dynamic batching off: every chunk is its own batch."""
-    return settings.model_copy(update={"batching": False})
 
 
 def feature_columns(job: BatchJob) -> list[str]:
@@ -73,7 +66,7 @@ async def open_scoring(job: BatchJob) -> AsyncIterator[ScoringSession]:
         signature = repository.read_config(job.model).signature()
         # Fail on missing or mistyped columns before loading any model.
         plan_scoring(job.model, 0, signature, reader.schema, job.keep, str(job.input))
-        async with open_dataplane(offline_settings(job.settings)) as plane:
+        async with open_offline_plane(job.settings, job.model, job.chunk_rows) as plane:
             route = plane.route(job.model, job.version)
             mv = route.serving
             plan = plan_scoring(
