@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -264,6 +265,65 @@ class LimitSettings(BaseModel):
     )
 
 
+Redaction = Literal["keep", "hash", "drop"]
+
+
+class GovernanceSettings(BaseModel):
+    """Approvals, the audit log and the prediction log (README "Governance").
+
+    State files (audit log, approvals) live in ``state_dir``, by default
+    ``<model_repository>/.sluice``: a dot folder is never taken for a model.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    state_dir: Path | None = Field(
+        default=None, description="audit log and approvals (unset: <model_repository>/.sluice)"
+    )
+    audit_log: Path | None = Field(
+        default=None, description="audit JSON Lines file (unset: <state_dir>/audit.jsonl)"
+    )
+    rotate_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="a log file is rotated beyond this size"
+    )
+    require_approval: bool = Field(
+        default=False, description="a version needs an approval to take primary or canary traffic"
+    )
+    prediction_log: Path | None = Field(
+        default=None, description="one JSON line per request (unset: no prediction log)"
+    )
+    prediction_queue: int = Field(
+        default=65_536, ge=1, description="records waiting for the writer; beyond: dropped, counted"
+    )
+    log_inputs: bool = Field(default=False, description="inputs in the prediction log")
+    log_outputs: bool = Field(default=False, description="outputs in the prediction log")
+    fields: dict[str, Redaction] = Field(
+        default_factory=dict,
+        description="per feature or tensor name: keep, hash (keyed HMAC-SHA256) or drop",
+    )
+    default_field: Redaction = Field(
+        default="keep", description="for logged fields not named in 'fields'"
+    )
+    hash_key: SecretStr | None = Field(
+        default=None, description="HMAC key for hashed fields (SLUICE_GOVERNANCE__HASH_KEY)"
+    )
+
+    @model_validator(mode="after")
+    def _key_for_hashing(self) -> GovernanceSettings:
+        hashing = self.default_field == "hash" or "hash" in self.fields.values()
+        if hashing and (self.log_inputs or self.log_outputs) and not self.hash_key:
+            raise ValueError("hashed fields need governance.hash_key")
+        return self
+
+    def state_path(self, repository: Path) -> Path:
+        return self.state_dir if self.state_dir is not None else repository / ".sluice"
+
+    def audit_path(self, repository: Path) -> Path:
+        if self.audit_log is not None:
+            return self.audit_log
+        return self.state_path(repository) / "audit.jsonl"
+
+
 class Settings(BaseModel):
     """Everything ``sluice serve`` and ``sluice batch`` can be told."""
 
@@ -301,6 +361,7 @@ class Settings(BaseModel):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    governance: GovernanceSettings = Field(default_factory=GovernanceSettings)
 
     @model_validator(mode="after")
     def _redis_for_redis_cache(self) -> Settings:

@@ -40,6 +40,7 @@ class InferenceResult:
     specs: tuple[TensorSpec, ...]
     id: str | None = None
     sha256: str = ""
+    reason: str = ""  # why this version answered (the route's reason), for the prediction log
 
 
 class Observer(Protocol):
@@ -50,6 +51,14 @@ class Observer(Protocol):
     ) -> None: ...
 
 
+class FailureObserver(Protocol):
+    """Sees every request that failed once its version was chosen. Must return at once."""
+
+    def failed(
+        self, version: ModelVersion, request: InferenceRequest, error: Exception, reason: str
+    ) -> None: ...
+
+
 class InferenceService:
     """Validates, dispatches to the chosen version's batcher, records stats, tells observers.
 
@@ -57,8 +66,11 @@ class InferenceService:
     the only caller.
     """
 
-    def __init__(self, observers: Sequence[Observer] = ()) -> None:
+    def __init__(
+        self, observers: Sequence[Observer] = (), failures: Sequence[FailureObserver] = ()
+    ) -> None:
         self._observers = tuple(observers)
+        self._failures = tuple(failures)
 
     async def infer(self, route: Route, request: InferenceRequest) -> InferenceResult:
         """Run one request; raises a ServingError subclass for anything the caller can fix."""
@@ -68,8 +80,14 @@ class InferenceService:
             result = await self._infer(mv, request)
         except ServingError as exc:
             mv.stats.record_request(False, time.perf_counter_ns() - started, type(exc).__name__)
+            for failure in self._failures:
+                try:
+                    failure.failed(mv, request, exc, route.reason)
+                except Exception:  # never mask the client's error
+                    log.exception("failure observer %r failed", failure)
             raise
         mv.stats.record_request(True, time.perf_counter_ns() - started)
+        result.reason = route.reason
         for observer in self._observers:
             try:
                 observer.observe(mv, request, result)

@@ -13,23 +13,32 @@ from contextlib import asynccontextmanager
 
 from server.config import Settings
 from server.core.dataplane import DataPlane
+from server.core.governance import Action, Governance
 from server.core.monitoring.hub import Monitoring
 from server.core.registry import ModelRegistry
 from server.core.repository import ModelRepository
 from server.core.routing import Router
-from server.core.service import InferenceService, Observer
+from server.core.service import FailureObserver, InferenceService, Observer
 from server.core.steering import Steering, TrafficStates
 from server.core.store import SharedStore
 
 
 @asynccontextmanager
 async def open_dataplane(
-    settings: Settings, observers: tuple[Observer, ...] = (), monitoring: Monitoring | None = None
+    settings: Settings,
+    observers: tuple[Observer, ...] = (),
+    monitoring: Monitoring | None = None,
+    *,
+    governed: bool = False,
 ) -> AsyncIterator[DataPlane]:
     """Load every model of the repository; on exit drain batchers and stop the pool.
 
     ``monitoring`` (metrics, drift, feedback, traces) closes after the last batch.
+    ``governed`` (a server) writes the audit log, from the start-up loads to the
+    shutdown, and the prediction log when one is configured; without it
+    (``sluice models``, batch) approvals are still read.
     """
+    governance = Governance.from_settings(settings, writers=governed)
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="sluice-infer")
     store = SharedStore(settings.redis) if settings.redis.url else None
     registry = ModelRegistry(
@@ -44,6 +53,15 @@ async def open_dataplane(
     )
     try:
         await registry.load_all()
+        failures: tuple[FailureObserver, ...] = ()
+        if governance.audit is not None:
+            for entry in registry.models.values():
+                governance.audit.record_entry(
+                    Action.LOAD, entry, actor="system", reason="server start"
+                )
+        if governance.predictions is not None:
+            observers = (*observers, governance.predictions)
+            failures = (governance.predictions,)
         if monitoring is not None:
             if store is not None and monitoring.worker is not None:
                 monitoring.worker.share(store, registry.version)
@@ -54,16 +72,24 @@ async def open_dataplane(
         try:
             yield DataPlane(
                 registry,
-                InferenceService(observers),
+                InferenceService(observers, failures),
                 strict_readiness=settings.strict_readiness,
                 repository_control=settings.repository_control,
                 monitoring=monitoring.worker if monitoring else None,
+                governance=governance,
                 steering=steering,
             )
         finally:
             await steering.close()
     finally:
+        if governance.audit is not None:
+            for entry in registry.models.values():
+                if not entry.unloaded:
+                    governance.audit.record_entry(
+                        Action.UNLOAD, entry, actor="system", reason="server shutdown"
+                    )
         await registry.close()
+        governance.close()
         if monitoring is not None:
             await monitoring.close()
         if store is not None:
