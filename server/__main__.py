@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from server import __version__
+from server import __version__, governance_cli
 from server.batch import cli as batch_cli
 from server.config import ConfigError, Settings, load_settings
 
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = models_commands.add_parser("list", help="models, versions, readiness, digests")
     _common(listing)
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    governance_cli.add_parsers(models_commands, _common)
     return parser
 
 
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                 return serve_workers(args, argv, settings)
             return serve(settings)
         settings = settings_from(args)
+        if args.models_command in ("show", "history", "approve"):
+            return governance_cli.run(args, settings)
         return list_models(settings, as_json=args.json)
     except ConfigError as exc:
         print(f"sluice: error: {exc}", file=sys.stderr)

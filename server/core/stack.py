@@ -67,7 +67,12 @@ async def open_dataplane(
                 monitoring.worker.share(store, registry.version)
             monitoring.start(registry, store)
             observers = (*observers, *monitoring.observers)
-        steering = Steering(registry, TrafficStates(settings.model_repository, store))
+        steering = Steering(
+            registry,
+            TrafficStates(settings.model_repository, store),
+            audit=governance.audit_hook,
+            approved=governance.approval_check(registry) if governance.require_approval else None,
+        )
         await steering.start()
         try:
             yield DataPlane(

@@ -21,6 +21,7 @@ from server.errors import ServingError
 from server.http.access import AccessLayers
 from server.http.chain import Layer, build_chain
 from server.http.errors import error_response, internal_error_response, serving_error_response
+from server.http.governance import GovernanceApi
 from server.http.handle import PlaneHandle
 from server.http.infer import HotRoutes, InferEndpoint
 from server.http.monitoring import MonitoringApi
@@ -45,13 +46,14 @@ def create_app(settings: Settings, access: Sequence[Layer] = ()) -> ASGIApp:
     api = V2Api(handle, endpoint, settings.max_request_bytes)
     monitoring_api = MonitoringApi(handle, settings.max_request_bytes)
     traffic_api = TrafficApi(handle, settings.max_request_bytes)
+    governance_api = GovernanceApi(handle, settings.max_request_bytes)
     edge = EdgeTelemetry()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with (
             open_telemetry(settings) as telemetry,
-            open_dataplane(settings, monitoring=telemetry.monitoring) as plane,
+            open_dataplane(settings, monitoring=telemetry.monitoring, governed=True) as plane,
         ):
             handle.plane = plane
             monitoring_api.telemetry = telemetry
@@ -91,7 +93,12 @@ def create_app(settings: Settings, access: Sequence[Layer] = ()) -> ASGIApp:
         return internal_error_response(exc)
 
     router = Starlette(
-        routes=[*api.routes(), *monitoring_api.routes(), *traffic_api.routes()],
+        routes=[
+            *api.routes(),
+            *monitoring_api.routes(),
+            *traffic_api.routes(),
+            *governance_api.routes(),
+        ],
         lifespan=lifespan,
         exception_handlers={
             ServingError: on_serving_error,

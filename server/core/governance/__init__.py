@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.config import Settings
 from server.core.governance.approvals import (
@@ -17,6 +17,9 @@ from server.core.governance.approvals import (
 from server.core.governance.audit import Action, AuditLog, AuditRecord
 from server.core.governance.predictions import PredictionLog
 from server.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from server.core.registry import ModelRegistry
 
 __all__ = [
     "Action",
@@ -87,6 +90,31 @@ class Governance:
                 figures={"sha256": sha256, **(figures or {})},
             )
         return approval
+
+    def audit_hook(
+        self,
+        actor: str,
+        action: str,
+        model: str,
+        version: int | None,
+        reason: str,
+        figures: Mapping[str, Any],
+    ) -> None:
+        """``AuditLog.record`` in the shape of the traffic steering's hook (a no-op unaudited)."""
+        if self.audit is not None:
+            self.audit.record(action, model, version, actor=actor, reason=reason, figures=figures)
+
+    def approval_check(self, registry: ModelRegistry) -> Callable[[str, int], bool]:
+        """Whether a served version is approved, for validating a traffic document."""
+
+        def approved(model: str, version: int) -> bool:
+            mv = registry.version((model, version))
+            if mv is None:
+                return False
+            card = mv.source.card if mv.source is not None else {}
+            return self.approval(model, version, mv.sha256, card) is not None
+
+        return approved
 
     def close(self) -> None:
         """Write what is queued and stop the writer threads."""

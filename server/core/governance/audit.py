@@ -40,6 +40,8 @@ class Action(StrEnum):
     STEP = "step"  # an analysis moved the canary weight
     PROMOTE = "promote"
     ROLLBACK = "rollback"
+    PAUSE = "pause"  # a rollout paused or resumed by hand
+    RESUME = "resume"
     BREAKER = "breaker"  # a circuit breaker opened or closed
     APPROVE = "approve"
 
