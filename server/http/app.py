@@ -42,7 +42,12 @@ def create_app(settings: Settings, access: Sequence[Layer] = ()) -> ASGIApp:
     """
     configured = AccessLayers(settings)
     handle = PlaneHandle()
-    endpoint = InferEndpoint(handle, settings.max_request_bytes, settings.retry_after_s)
+    endpoint = InferEndpoint(
+        handle,
+        settings.max_request_bytes,
+        settings.retry_after_s,
+        settings.limits.decode_in_thread_bytes,
+    )
     api = V2Api(handle, endpoint, settings.max_request_bytes)
     monitoring_api = MonitoringApi(handle, settings.max_request_bytes)
     traffic_api = TrafficApi(handle, settings.max_request_bytes)

@@ -20,7 +20,12 @@ from server.core.tensors import tensor_bytes
 from server.errors import InvalidInput
 
 HEADER_LENGTH = "inference-header-content-length"
-_INT_KINDS = frozenset("iub")
+MAX_ID_CHARS = 256  # a request id is kept with its prediction until labelled: bound its size
+MAX_DIMS = 32  # what numpy 1.x can hold; numpy 2 fails past 64
+_NUMBER_KINDS = frozenset("iuf")
+_INT_KINDS = frozenset("iu")
+_FLOAT_ELEMENTS = frozenset({float, int, type(None)})
+_SLICE_ELEMENTS = 1 << 16  # about a millisecond of numpy conversion
 
 
 @dataclass(slots=True)
@@ -67,10 +72,13 @@ def decode_infer(
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise InvalidInput(f"model '{model}': 'inputs' must be a non-empty list of tensors")
     parameters = _parameters(doc.get("parameters"), f"model '{model}': request 'parameters'")
+    # Booleans hide inside numeric lists (numpy makes True a 1): only a body that has any
+    # is searched for them element by element (a fast substring test otherwise).
+    booleans = b"true" in json_part or b"false" in json_part
     inputs: dict[str, np.ndarray] = {}
     offset = 0
     for index, raw in enumerate(raw_inputs):
-        name, array, offset = _decode_input(model, index, raw, binary, offset)
+        name, array, offset = _decode_input(model, index, raw, binary, offset, booleans)
         if name in inputs:
             raise InvalidInput(f"model '{model}': input '{name}' appears twice")
         inputs[name] = array
@@ -80,8 +88,14 @@ def decode_infer(
             "any input's binary_data_size"
         )
     request_id = doc.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise InvalidInput(f"model '{model}': 'id' must be a string")
+    if request_id is not None:
+        if not isinstance(request_id, str):
+            raise InvalidInput(f"model '{model}': 'id' must be a string")
+        if len(request_id) > MAX_ID_CHARS:
+            raise InvalidInput(
+                f"model '{model}': 'id' has {len(request_id)} characters; at most "
+                f"{MAX_ID_CHARS} are allowed"
+            )
     decoded = DecodedInfer(
         InferenceRequest(model, inputs, version, None, request_id, parameters),
         binary_default=parameters.get("binary_data_output") is True,
@@ -115,7 +129,7 @@ def _parameters(raw: Any, where: str) -> dict[str, Any]:
 
 
 def _decode_input(
-    model: str, index: int, raw: Any, binary: bytes, offset: int
+    model: str, index: int, raw: Any, binary: bytes, offset: int, booleans: bool
 ) -> tuple[str, np.ndarray, int]:
     if not isinstance(raw, dict):
         raise InvalidInput(f"model '{model}': inputs[{index}] must be an object")
@@ -127,6 +141,8 @@ def _decode_input(
     shape = raw.get("shape")
     if not _is_shape(shape):
         raise InvalidInput(f"{where}: 'shape' must be a list of non-negative integers")
+    if len(shape) > MAX_DIMS:
+        raise InvalidInput(f"{where}: shape has {len(shape)} dimensions; at most {MAX_DIMS}")
     count = math.prod(shape)
     params = _parameters(raw.get("parameters"), f"{where}: 'parameters'")
     size = params.get("binary_data_size")
@@ -144,7 +160,7 @@ def _decode_input(
         return name, _from_binary(where, datatype, shape, count, chunk), offset + size
     if "data" not in raw:
         raise InvalidInput(f"{where}: needs 'data' or parameters.binary_data_size")
-    return name, _from_json(where, datatype, shape, count, raw["data"]), offset
+    return name, _from_json(where, datatype, shape, count, raw["data"], booleans), offset
 
 
 def _is_shape(shape: Any) -> TypeGuard[list[int]]:
@@ -190,17 +206,17 @@ def _bytes_from_binary(where: str, shape: list[int], count: int, chunk: bytes) -
 
 
 def _from_json(
-    where: str, datatype: Datatype, shape: list[int], count: int, data: Any
+    where: str, datatype: Datatype, shape: list[int], count: int, data: Any, booleans: bool
 ) -> np.ndarray:
     if not isinstance(data, list):
         data = [data]
     try:
         if datatype is Datatype.BYTES:
             array = _bytes_from_json(where, data)
-        elif datatype in FLOAT_TYPES:
-            array = np.asarray(data, dtype=NUMPY_DTYPES[datatype])
+        elif datatype is Datatype.BOOL:
+            array = _bool_from_json(where, data)
         else:
-            array = _exact_from_json(where, datatype, data)
+            array = _number_from_json(where, datatype, data, booleans)
     except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidInput(
             f"{where}: 'data' is not a valid {datatype.value} tensor ({_short(exc)})"
@@ -212,22 +228,68 @@ def _from_json(
     return array.reshape(shape)
 
 
-def _exact_from_json(where: str, datatype: Datatype, data: list[Any]) -> np.ndarray:
-    raw = np.asarray(data)
+def _number_from_json(
+    where: str, datatype: Datatype, data: list[Any], booleans: bool
+) -> np.ndarray:
+    # Inferred first, converted after: numpy would turn "1.5" and true into numbers if
+    # asked for the dtype at once, and the protocol allows neither.
+    raw = _inferred(data)
+    target = NUMPY_DTYPES[datatype]
     if raw.size == 0:
-        return raw.astype(NUMPY_DTYPES[datatype])
-    if datatype is Datatype.BOOL:
-        if raw.dtype != np.bool_:
-            raise InvalidInput(f"{where}: BOOL data must be true/false values")
-        return raw
-    if raw.dtype.kind not in _INT_KINDS:
-        raise InvalidInput(f"{where}: {datatype.value} data must be integers")
-    info = np.iinfo(NUMPY_DTYPES[datatype])  # type: ignore[type-var]
-    low, high = int(raw.min()), int(raw.max())
-    if low < info.min or high > info.max:
-        bad = low if low < info.min else high
-        raise InvalidInput(f"{where}: value {bad} is out of range for {datatype.value}")
-    return raw.astype(NUMPY_DTYPES[datatype])
+        return raw.astype(target)
+    floats = datatype in FLOAT_TYPES
+    kind = raw.dtype.kind
+    if floats and kind == "O" and _element_types(data) <= _FLOAT_ELEMENTS:
+        return np.asarray(data, dtype=target)  # null is a missing value: NaN
+    if kind not in (_NUMBER_KINDS if floats else _INT_KINDS) or (
+        booleans and bool in _element_types(data)
+    ):
+        if floats:
+            raise InvalidInput(
+                f"{where}: 'data' is not a valid {datatype.value} tensor: JSON numbers only "
+                "(null for a missing value), not strings or booleans"
+            )
+        raise InvalidInput(f"{where}: {datatype.value} data must be integers (JSON numbers)")
+    if not floats:
+        info = np.iinfo(target)  # type: ignore[type-var]
+        low, high = int(raw.min()), int(raw.max())
+        if low < info.min or high > info.max:
+            bad = low if low < info.min else high
+            raise InvalidInput(f"{where}: value {bad} is out of range for {datatype.value}")
+    return raw.astype(target, copy=False)
+
+
+def _inferred(data: list[Any]) -> np.ndarray:
+    """``np.asarray(data)``, in slices of about ``_SLICE_ELEMENTS`` for long lists.
+
+    Each numpy call holds the GIL; slices let the event loop in between them
+    when a large body is decoded in a thread (same total work).
+    """
+    first = data[0] if data else None
+    step = max(1, _SLICE_ELEMENTS // (len(first) if isinstance(first, list) and first else 1))
+    if len(data) <= step:
+        return np.asarray(data)
+    return np.concatenate([np.asarray(data[i : i + step]) for i in range(0, len(data), step)])
+
+
+def _bool_from_json(where: str, data: list[Any]) -> np.ndarray:
+    raw = np.asarray(data)
+    if raw.size and raw.dtype != np.bool_:
+        raise InvalidInput(f"{where}: BOOL data must be true/false values")
+    return raw.astype(np.bool_, copy=False)
+
+
+def _element_types(data: list[Any]) -> set[type]:
+    """The types of a (nested) list's elements; ``map(type)`` keeps the walk in C per list."""
+    found: set[type] = set()
+    stack = [data]
+    while stack:
+        kinds = set(map(type, items := stack.pop()))
+        if list in kinds:
+            kinds.discard(list)
+            stack += [item for item in items if type(item) is list]
+        found |= kinds
+    return found
 
 
 def _bytes_from_json(where: str, data: list[Any]) -> np.ndarray:

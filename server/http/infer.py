@@ -12,8 +12,12 @@ answer is produced by the same code.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
+import math
+import time
 import zlib
+from typing import Any
 
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
@@ -21,8 +25,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.core.routing import Reason
-from server.errors import InvalidInput, ServingError
-from server.http.codec import HEADER_LENGTH, decode_infer, decompress, encode_infer
+from server.errors import DeadlineExceeded, InvalidInput, ServingError
+from server.http.codec import HEADER_LENGTH, DecodedInfer, decode_infer, decompress, encode_infer
 from server.http.errors import error_response, serving_error_response
 from server.http.handle import PlaneHandle
 
@@ -32,25 +36,51 @@ _PREFIX = "/v2/models/"
 _SUFFIX = "/infer"
 _COMPRESS_ABOVE = 4096
 _HEADER_LENGTH = HEADER_LENGTH.encode()
-_WANTED = frozenset({b"content-length", b"content-encoding", b"accept-encoding", _HEADER_LENGTH})
+# A deadline as a header: ours, and the one Envoy (Istio) sets for the upstream's budget.
+TIMEOUT_HEADER = "x-request-timeout-ms"
+ENVOY_TIMEOUT_HEADER = "x-envoy-expected-rq-timeout-ms"
+_TIMEOUTS = (TIMEOUT_HEADER.encode(), ENVOY_TIMEOUT_HEADER.encode())
+_WANTED = frozenset(
+    {b"content-length", b"content-encoding", b"accept-encoding", _HEADER_LENGTH, *_TIMEOUTS}
+)
+_MAX_VERSION_DIGITS = 18  # fits an int64, as Triton's and perf_analyzer's parsers need
 
 
 def parse_version(raw: str | None) -> int | None:
-    """A ``{version}`` path segment as a number; None when there is none."""
+    """A ``{version}`` path segment as a number; None when there is none.
+
+    Only the canonical form: ASCII digits without leading zeros. ``01`` and
+    U+0661 ARABIC-INDIC DIGIT ONE (which Python's ``int`` reads as 1) would give one version several
+    URLs, so that a gateway rule on ``/versions/1`` could be walked around.
+    """
     if raw is None or raw == "":
         return None
-    if not raw.isdigit():
-        raise InvalidInput(f"version must be a positive integer, got '{raw}'")
+    if (
+        not (raw.isascii() and raw.isdigit())
+        or (raw[0] == "0" and len(raw) > 1)
+        or len(raw) > _MAX_VERSION_DIGITS
+    ):
+        shown = raw if len(raw) <= 40 else raw[:37] + "..."
+        raise InvalidInput(
+            f"version must be a whole number in ASCII digits without leading zeros, got '{shown}'"
+        )
     return int(raw)
 
 
 class InferEndpoint:
     """Decode, infer through the data plane, encode; errors become V2 error answers."""
 
-    def __init__(self, handle: PlaneHandle, max_request_bytes: int, retry_after_s: int) -> None:
+    def __init__(
+        self,
+        handle: PlaneHandle,
+        max_request_bytes: int,
+        retry_after_s: int,
+        decode_in_thread_bytes: int = 256 * 1024,
+    ) -> None:
         self.handle = handle
         self.limit = max_request_bytes
         self.retry_after_s = retry_after_s
+        self.in_thread = decode_in_thread_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # One frame on purpose: this runs for every prediction.
@@ -68,12 +98,24 @@ class InferEndpoint:
                 )
             route = plane.route(name, version, key)
             headers = {k: v.decode("latin-1") for k, v in scope["headers"] if k in _WANTED}
+            timeout = headers.get(_TIMEOUTS[0]) or headers.get(_TIMEOUTS[1])
+            arrived = time.monotonic() if timeout is not None else 0.0
             body = await read_body(receive, headers.get(b"content-length"), self.limit)
             if isinstance(body, Response):
                 await body(scope, receive, send)
                 return
-            body = decompress(body, headers.get(b"content-encoding"), self.limit)
-            decoded = decode_infer(body, headers.get(_HEADER_LENGTH), name, version)
+            encoding = headers.get(b"content-encoding")
+            if len(body) < self.in_thread:
+                decoded = _decode(
+                    body, encoding, headers.get(_HEADER_LENGTH), name, version, self.limit
+                )
+            else:
+                # Off the event loop, so other clients are served meanwhile (see _decode).
+                decoded = await asyncio.to_thread(
+                    _decode, body, encoding, headers.get(_HEADER_LENGTH), name, version, self.limit
+                )
+            if timeout is not None:
+                _apply_deadline(decoded, timeout, arrived)
             result = await plane.infer(decoded.request, route)
         except ClientDisconnect:
             return  # nobody to answer
@@ -95,6 +137,47 @@ class InferEndpoint:
             raw.append((b"x-model-fallback", b"true"))
         await send({"type": "http.response.start", "status": 200, "headers": raw})
         await send({"type": "http.response.body", "body": payload})
+
+
+def _decode(
+    body: bytes,
+    encoding: str | None,
+    header_length: str | None,
+    model: str,
+    version: int | None,
+    limit: int,
+) -> DecodedInfer:
+    """Decompress and decode; large bodies run this in a thread.
+
+    orjson and numpy hold the GIL while they work, so a thread alone would
+    not let the loop in; the codec converts long tensors in slices, and the
+    loop gets its turn between them (the interpreter's switch interval).
+    """
+    return decode_infer(decompress(body, encoding, limit), header_length, model, version)
+
+
+def _apply_deadline(decoded: DecodedInfer, timeout: str, arrived: float) -> None:
+    """The header's deadline, counted from the request's arrival, as the ``timeout`` parameter.
+
+    The tighter of the header and a ``timeout`` parameter in the body wins;
+    a deadline already gone is a 504 before anything is computed.
+    """
+    try:
+        budget_ms = float(timeout)
+    except ValueError:
+        budget_ms = math.nan
+    if not math.isfinite(budget_ms) or budget_ms <= 0:
+        raise InvalidInput(f"{TIMEOUT_HEADER} must be a positive number of milliseconds")
+    left_us = budget_ms * 1000 - (time.monotonic() - arrived) * 1e6
+    if left_us <= 0:
+        raise DeadlineExceeded(f"request deadline of {budget_ms:g} ms passed before compute")
+    request = decoded.request
+    parameters: dict[str, Any] = dict(request.parameters)
+    given = parameters.get("timeout")
+    if isinstance(given, int | float) and not isinstance(given, bool) and 0 < given < left_us:
+        return  # the body's own deadline is tighter
+    parameters["timeout"] = max(1, int(left_us))
+    request.parameters = parameters
 
 
 class HotRoutes:

@@ -15,6 +15,22 @@ from server.http.handle import PlaneHandle
 from server.http.infer import InferEndpoint, infer_routes, parse_version, read_body
 
 _JSON = "application/json"
+MAX_NAME_BYTES = 255  # a model name is a folder name in the repository
+
+
+def repository_name(name: str) -> str:
+    """A model name that can only mean a folder directly inside the repository.
+
+    Checked before load or unload touch the disk: an absurd name is the
+    client's mistake (400), not a file system error (500).
+    """
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        raise InvalidInput(f"model name is {size} bytes long; at most {MAX_NAME_BYTES}")
+    if name in (".", "..") or any(c in name for c in "/\\\0") or not name.isprintable():
+        shown = name if len(name) <= 40 else name[:37] + "..."
+        raise InvalidInput(f"model name {shown!r} is not a folder name in the repository")
+    return name
 
 
 def json_response(doc: object, status: int = 200) -> Response:
@@ -108,7 +124,7 @@ class V2Api:
         return json_response(presenters.repository_index(rows))
 
     async def repository_load(self, request: Request) -> Response:
-        name = request.path_params["name"]
+        name = repository_name(request.path_params["name"])
         options = await self._options(request, "load request")
         parameters = options.get("parameters") or {}
         if not isinstance(parameters, dict):
@@ -119,7 +135,7 @@ class V2Api:
         return json_response({"name": name, "load": True})
 
     async def repository_unload(self, request: Request) -> Response:
-        name = request.path_params["name"]
+        name = repository_name(request.path_params["name"])
         await self._options(request, "unload request")
         await self._plane.unload(name)
         return json_response({"name": name, "unload": True})

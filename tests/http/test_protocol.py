@@ -403,7 +403,7 @@ def test_unknown_model_and_version(client: TestClient) -> None:
     assert client.get("/v2/models/nope/ready").status_code == 404
     bad = client.get("/v2/models/tree/versions/latest")
     assert bad.status_code == 400
-    assert "version must be a positive integer" in bad.json()["error"]
+    assert "version must be a whole number in ASCII digits" in bad.json()["error"]
 
 
 def test_wrong_method_and_route(client: TestClient) -> None:
