@@ -9,7 +9,9 @@ and their failures or slowness never reach a client.
 Figures per version, against the primary: requests, error rate, p50/p99
 latency (the last ``LATENCY_WINDOW`` answers), the score distribution over
 ``SCORE_BINS`` fixed bins on [0, 1] (scores outside are clipped) and its
-Jensen-Shannon distance to the primary's, and for exact pairs (the same
+Jensen-Shannon distance to the primary's (over the exact pairs when there
+are any, else over each version's own requests once both have
+``MIN_LIVE_ROWS`` rows), and for exact pairs (the same
 request scored by both) the agreement of decisions at ``decision_threshold``
 and the mean absolute score difference. The score is the first output's first
 column (a probability for the example models).
@@ -37,6 +39,11 @@ log = logging.getLogger("sluice.rollout")
 LATENCY_WINDOW = 10_000
 SCORE_BINS = 20
 COPY_QUEUE = 1_000
+# Unpaired, two histograms of 20 bins differ by chance: 0.12 JS distance for identical
+# models at 250 against 600 rows. Below this many rows each, no divergence is judged.
+MIN_LIVE_ROWS = 5_000
+# A p99 from fewer answers is one or two slow requests: not judged below this many each.
+MIN_LATENCY_SAMPLES = 500
 
 
 @dataclass(slots=True)
@@ -60,8 +67,7 @@ class Arm:
             self.scored(first_scores(outputs))
 
     def scored(self, scores: np.ndarray) -> None:
-        bins = np.clip((scores * SCORE_BINS).astype(np.int64), 0, SCORE_BINS - 1)
-        self.scores += np.bincount(bins, minlength=SCORE_BINS)
+        self.scores += _histogram(scores)
 
     def percentile(self, q: float) -> float | None:
         count = min(self.filled, LATENCY_WINDOW)
@@ -81,6 +87,8 @@ class Pairs:
     abs_diff: float = 0.0
     failed: int = 0  # copies the candidate failed on
     dropped: int = 0  # copies dropped on a full queue
+    candidate: np.ndarray = field(default_factory=lambda: np.zeros(SCORE_BINS, dtype=np.int64))
+    primary: np.ndarray = field(default_factory=lambda: np.zeros(SCORE_BINS, dtype=np.int64))
 
     @property
     def agreement(self) -> float | None:
@@ -154,6 +162,11 @@ class _Job:
     primary_scores: np.ndarray | None  # None: the candidate is the primary, pairing a canary
     canary_scores: np.ndarray | None
     request: InferenceRequest
+
+
+def _histogram(scores: np.ndarray) -> np.ndarray:
+    bins = np.clip((scores * SCORE_BINS).astype(np.int64), 0, SCORE_BINS - 1)
+    return np.bincount(bins, minlength=SCORE_BINS)
 
 
 def first_scores(result: InferenceResult) -> np.ndarray:
@@ -283,6 +296,8 @@ class Rollout:
         pairs.rows += len(candidate)
         pairs.agreeing += int(np.sum((candidate >= threshold) == (primary >= threshold)))
         pairs.abs_diff += float(np.sum(np.abs(candidate - primary)))
+        pairs.candidate += _histogram(candidate)
+        pairs.primary += _histogram(primary)
 
     # -- reports and the analysis ---------------------------------------------------------
 
@@ -322,7 +337,8 @@ class Rollout:
             )  # fmt: skip
         if c.error_rate > a.max_error_rate:
             breaches.append(f"error rate {c.error_rate:.4f} > {a.max_error_rate}")
-        if c.p99_ms is not None and p.p99_ms and c.p99_ms / p.p99_ms > a.max_p99_ratio:
+        enough = min(canary_arm.filled, watch.primary.filled) >= MIN_LATENCY_SAMPLES
+        if enough and c.p99_ms is not None and p.p99_ms and c.p99_ms / p.p99_ms > a.max_p99_ratio:
             breaches.append(f"p99 {c.p99_ms:.2f} ms is {c.p99_ms / p.p99_ms:.2f}x the primary's")
         if c.agreement is not None and c.agreement < a.min_agreement:
             breaches.append(f"agreement {c.agreement:.4f} < {a.min_agreement}")
@@ -346,8 +362,13 @@ def _ms(seconds: float | None) -> float | None:
 def _report(
     version: int, role: str, arm: Arm, primary: Arm | None, pairs: Pairs | None
 ) -> ArmReport:
-    divergence = js_distance(arm.scores, primary.scores) if primary is not None else None
     rows = pairs.rows if pairs else 0
+    divergence = None
+    if pairs is not None and rows:
+        # The same requests scored by both: no sampling noise between the two histograms.
+        divergence = js_distance(pairs.candidate, pairs.primary)
+    elif primary is not None and min(arm.scores.sum(), primary.scores.sum()) >= MIN_LIVE_ROWS:
+        divergence = js_distance(arm.scores, primary.scores)
     return ArmReport(
         version=version,
         role=role,

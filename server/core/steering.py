@@ -340,6 +340,7 @@ class Steering:
         figures = {"verdict": verdict.verdict, "reasons": list(verdict.reasons)}
         if verdict.verdict == "breach":
             await self.rollback(name, "analysis", "; ".join(verdict.reasons), figures)
+            self.rollout.status[name].last = verdict
             return
         if not due:
             return
@@ -351,6 +352,7 @@ class Steering:
         following = [s for s in steps if s > canary.weight]
         if not following:
             await self.promote(name, "analysis", "every step held its limits", figures)
+            self.rollout.status[name].last = verdict
             return
         moved = doc.model_copy(
             update={"canary": Canary(version=canary.version, weight=following[0])}

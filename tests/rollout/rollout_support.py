@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
-
 from factory import write_yaml
+from onnx import TensorProto, helper, numpy_helper
 
 FEATURES = 4
 WEIGHTS = np.array([[0.8], [-0.5], [0.3], [0.1]], dtype=np.float32)
