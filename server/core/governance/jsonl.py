@@ -16,6 +16,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ log = logging.getLogger("sluice.governance")
 
 T = TypeVar("T")
 _BATCH_RECORDS = 1024  # records per write when batching: bounds how far a file passes its limit
+_DROP_WARNING_S = 10.0  # at most one warning about dropped records this often
 
 
 def rotated_files(path: Path) -> list[Path]:
@@ -155,6 +157,8 @@ class LineWriter(Generic[T]):
         self.written = 0
         self.dropped = 0
         self.failed = 0
+        self._warned_dropped = 0
+        self._next_warning = 0.0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -180,6 +184,12 @@ class LineWriter(Generic[T]):
         self._closing = True
         self._wake.set()
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            # Closing the file under a writer that is still busy would lose its records.
+            log.warning(
+                "%s: writer still busy after %.0f s; left to finish", self.file.path, timeout
+            )
+            return
         self.file.close()
 
     def _run(self) -> None:
@@ -192,8 +202,21 @@ class LineWriter(Generic[T]):
                 batch.append(self._queue.popleft())
             if batch:
                 self._write(batch)
+            self._warn_dropped()
             if self._closing and not self._queue:
                 return
+
+    def _warn_dropped(self) -> None:
+        dropped = self.dropped
+        if dropped != self._warned_dropped and time.monotonic() >= self._next_warning:
+            log.warning(
+                "%s: %d record(s) dropped so far: the writer fell behind (queue of %d)",
+                self.file.path,
+                dropped,
+                self._limit,
+            )
+            self._warned_dropped = dropped
+            self._next_warning = time.monotonic() + _DROP_WARNING_S
 
     def _write(self, batch: list[T]) -> None:
         size = 1 if self._per_record else _BATCH_RECORDS
