@@ -22,10 +22,16 @@ from typing import Protocol
 import numpy as np
 from opentelemetry.trace import SpanContext
 
+from server.core.admission import DelayAdmission
 from server.core.monitoring.tracing import BatchTracing
 from server.errors import DeadlineExceeded, Overloaded, RuntimeFailure, ServingError
 
 Tensors = dict[str, np.ndarray]
+# A request larger than this is computed in pieces of this many rows (or of a batch, if
+# larger), queued one after another, so that it never holds the model for seconds while
+# others wait (XGBoost at 4,096 rows: milliseconds). A fixed count, not a time: the same
+# request is always cut the same way, so its answer does not depend on the load.
+SPLIT_ROWS = 4096
 Compute = Callable[[Mapping[str, np.ndarray]], Tensors]
 
 
@@ -196,6 +202,11 @@ class MicroBatcher:
     The wait for more requests happens only while the model is busy with
     another batch, so a lone caller is never delayed by ``max_queue_delay``;
     under load the queue fills during compute and batches form by themselves.
+
+    Admission is on queueing delay (``server.core.admission``): a request
+    predicted to wait longer than ``target_queue_delay_s`` (None: adapted
+    to the model's batch time; ``math.inf``: off) is refused at once, one
+    that did wait longer is refused before compute.
     """
 
     def __init__(
@@ -211,10 +222,15 @@ class MicroBatcher:
         clock: Clock = MONOTONIC,
         tracing: BatchTracing | None = None,
         inline_rows: int = 0,
+        target_queue_delay_s: float | None = None,
     ) -> None:
         self._compute = compute
         self._executor = executor
         self._inline_rows = inline_rows
+        self._admission = DelayAdmission(
+            target_queue_delay_s, max_batches_in_flight, max_queue_delay_s
+        )
+        self._queued_rows = 0  # rows of requests accepted and not yet in a batch
         self._tracing = tracing
         self._max_rows = max_batch_size
         self._delay = max_queue_delay_s
@@ -237,6 +253,11 @@ class MicroBatcher:
         """Requests waiting to join a batch."""
         return self._queue.qsize() + (1 if self._carry is not None else 0)
 
+    @property
+    def admission(self) -> DelayAdmission:
+        """The queueing-delay rule, its target and its refusal counts."""
+        return self._admission
+
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
         if self._loop_task is None:
@@ -244,6 +265,26 @@ class MicroBatcher:
 
     async def submit(self, inputs: Tensors, rows: int, deadline: float | None = None) -> Tensors:
         """Queue a validated request and wait for its slice of the batch result."""
+        split = max(self._max_rows, SPLIT_ROWS)
+        if rows > split:
+            return await self._submit_split(inputs, rows, deadline, split)
+        return await self._submit(inputs, rows, deadline, admit=True)
+
+    async def _submit_split(
+        self, inputs: Tensors, rows: int, deadline: float | None, split: int
+    ) -> Tensors:
+        # One piece in the queue at a time: other clients' requests join the batches in
+        # between. Only the first piece faces admission: a request, once taken, is finished.
+        parts = []
+        for start in range(0, rows, split):
+            end = min(start + split, rows)
+            piece = {name: array[start:end] for name, array in inputs.items()}
+            parts.append(await self._submit(piece, end - start, deadline, admit=start == 0))
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+    async def _submit(
+        self, inputs: Tensors, rows: int, deadline: float | None, admit: bool
+    ) -> Tensors:
         if self._loop_task is None:
             raise RuntimeFailure("batcher is not running")
         future: asyncio.Future[Tensors] = asyncio.get_running_loop().create_future()
@@ -257,12 +298,20 @@ class MicroBatcher:
             self._in_flight += 1
             await self._execute([item])
             return await future
+        admission = self._admission
+        if admit and not admission.admits(self._queued_rows + rows, self._max_rows):
+            wait = admission.predicted_wait(self._queued_rows + rows, self._max_rows)
+            raise Overloaded(
+                f"the queue would hold this request about {wait * 1000:.1f} ms, over the "
+                f"model's target of {admission.target_s * 1000:.1f} ms; retry shortly"
+            )
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
             raise Overloaded(
                 f"request queue is full ({self._queue.maxsize} waiting); retry shortly"
             ) from None
+        self._queued_rows += rows
         self._wake.set()
         return await future
 
@@ -278,6 +327,7 @@ class MicroBatcher:
         while True:
             first = self._carry if self._carry is not None else await self._queue.get()
             self._carry = None
+            self._queued_rows -= first.rows
             self._forming = True
             await self._slots.acquire()
             batch = [first]
@@ -299,6 +349,7 @@ class MicroBatcher:
                 self._carry = item  # starts the next batch; never split a request
                 break
             batch.append(item)
+            self._queued_rows -= item.rows
             rows += item.rows
         return rows
 
@@ -334,6 +385,15 @@ class MicroBatcher:
             if item.deadline is not None and now > item.deadline:
                 item.future.set_exception(
                     DeadlineExceeded("request timed out in the queue before compute started")
+                )
+                continue
+            waited = now - item.enqueued_at
+            if self._admission.overdue(waited):
+                item.future.set_exception(
+                    Overloaded(
+                        f"request waited {waited * 1000:.1f} ms in the queue, over the model's "
+                        f"target of {self._admission.target_s * 1000:.1f} ms; retry shortly"
+                    )
                 )
                 continue
             live.append(item)
@@ -376,6 +436,7 @@ class MicroBatcher:
             return
         if span is not None:
             BatchTracing.end(span)
+        self._admission.computed(compute_ns / 1e9)
         offset = 0
         for item in live:
             end = offset + item.rows
