@@ -251,6 +251,9 @@ class ModelRegistry:
         stats = mv.stats
         executions = self._executions
         tracing = BatchTracing(self._tracer, mv.name, mv.version) if self._tracer else None
+        # Batches this small run on the event loop: the runtime measured them at load to
+        # cost less than the hand-off to a thread (server/core/runtimes/hybrid.py).
+        inline = mv.runtime.executors.inline_rows
 
         def observe(record: BatchRecord) -> None:
             if record.ok:
@@ -270,6 +273,7 @@ class ModelRegistry:
                 max_batches_in_flight=batching.max_batches_in_flight or self._threads,
                 observer=observe,
                 tracing=tracing,
+                inline_rows=inline,
             )
             batcher.start()
             return batcher
@@ -279,6 +283,7 @@ class ModelRegistry:
             batching.max_queue_size,
             observer=observe,
             tracing=tracing,
+            inline_rows=inline,
         )
 
 

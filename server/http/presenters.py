@@ -31,6 +31,8 @@ def model_metadata(info: ModelInfo, versioned: bool = False) -> dict[str, Any]:
         properties.update(
             version=str(mv.version), state=mv.state.value, reason=mv.reason, sha256=mv.sha256
         )
+        if mv.executors is not None:
+            properties["executors"] = mv.executors.summary()
     else:
         properties.update(state="UNAVAILABLE", reason=info.error or "no ready version")
     return {

@@ -108,7 +108,11 @@ class FakeModel:
         return out
 
     async def wait_started(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.started.acquire)
+        # Bounded: a failing test must not leave a thread blocked (the loop could not close).
+        acquired = await asyncio.get_running_loop().run_in_executor(
+            None, self.started.acquire, True, 30
+        )
+        assert acquired, "the model never started"
 
 
 @pytest.fixture
