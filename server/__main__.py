@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from server import __version__, governance_cli
+from server import __version__, governance_cli, traffic_cli
 from server.batch import cli as batch_cli
 from server.config import ConfigError, Settings, load_settings
 
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(listing)
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     governance_cli.add_parsers(models_commands, _common)
+    traffic_cli.add_parser(models_commands, _common)
     return parser
 
 
@@ -91,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from(args)
         if args.models_command in ("show", "history", "approve"):
             return governance_cli.run(args, settings)
+        if args.models_command == "traffic":
+            return traffic_cli.run(args, settings)
         return list_models(settings, as_json=args.json)
     except ConfigError as exc:
         print(f"sluice: error: {exc}", file=sys.stderr)

@@ -231,3 +231,56 @@ def test_a_change_on_one_process_is_applied_by_another(tmp_path: Path) -> None:
             stop_server(b)
     finally:
         stop_server(a)
+
+
+def test_the_cli_sets_a_canary_and_rolls_it_back(server: RunningServer) -> None:
+    import json
+    import subprocess
+    import sys
+
+    def cli(*words: str) -> dict[str, Any]:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "server",
+                "models",
+                "traffic",
+                "score",
+                *words,
+                "--url",
+                server.url,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return dict(json.loads(done.stdout))
+
+    shown = cli()
+    assert shown["state"] == "stable"
+    canary = cli("canary", "2", "--weight", "100", "--reason", "try v2")
+    assert canary["canary"] == {"version": "2", "weight": 100.0}
+    answer = httpx.post(f"{server.url}/v2/models/score/infer", json=infer_body(3), timeout=10)
+    assert answer.headers["x-model-version"] == "2"
+    rolled = cli("rollback", "--reason", "pager went off")
+    assert rolled["state"] == "rolled_back"
+    assert "pager went off" in rolled["reason"]
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "models",
+            "traffic",
+            "score",
+            "canary",
+            "9",
+            "--url",
+            server.url,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 1
+    assert "canary version 9 is not served" in bad.stderr
