@@ -246,6 +246,12 @@ class LimitSettings(BaseModel):
     max_concurrent_requests: int = Field(
         default=1024, ge=1, description="requests being answered at once; beyond: 503"
     )
+    target_latency_ms: float | None = Field(
+        default=10.0,
+        gt=0,
+        description="while requests take longer than this in the server on average, fewer "
+        "are let in at once (the rest: 503 at once); unset: max_concurrent_requests only",
+    )
     header_timeout_s: float = Field(
         default=10.0, gt=0, description="to send the request line and headers, else 408"
     )

@@ -11,8 +11,10 @@ a hostile client:
   408), which also closes connections that never send anything;
 - the body: ``body_timeout_s`` once the headers are in (a body that never
   ends, or a Content-Length it never reaches, gets a 408);
-- requests being answered at once: ``max_concurrent_requests``, then a 503
-  with ``Retry-After`` before the app runs (health is exempt);
+- requests being answered at once: at most ``max_concurrent_requests``, and
+  fewer while they take longer than ``target_latency_s`` in the server
+  (``server.http.overload``), then a 503 with ``Retry-After`` before the app
+  runs (health is exempt);
 - uvicorn's own 400 for unparseable requests is plain text: here it is the
   ``{"error": ...}`` body every other refusal has.
 
@@ -35,6 +37,8 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from server.http.overload import TICK_S, AdaptiveLimit
+
 log = logging.getLogger("sluice.http")
 
 SWEEP_S = 1.0
@@ -51,6 +55,7 @@ class ConnectionLimits:
     body_timeout_s: float
     max_header_bytes: int
     retry_after_s: int = 1
+    target_latency_s: float | None = 0.01  # None: a fixed limit
 
 
 def raw_response(status: int, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
@@ -83,16 +88,33 @@ async def _overloaded(scope: Any, receive: Any, send: Any, *, retry_after: bytes
 
 
 class _Sweeper:
-    """Once a second, cuts off the connections of one server past their deadline."""
+    """Once a second, cuts off the connections of one server past their deadline; every
+    ``TICK_S`` moves the adaptive limit on requests in progress."""
 
-    def __init__(self, connections: set[Any], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, connections: set[Any], loop: asyncio.AbstractEventLoop, limits: ConnectionLimits
+    ) -> None:
         self._connections = connections
         self._loop = loop
         self._timer: asyncio.TimerHandle | None = None
+        self._ticker: asyncio.TimerHandle | None = None
+        target = limits.target_latency_s
+        self.limit = (
+            AdaptiveLimit(target, limits.max_concurrent_requests) if target is not None else None
+        )
 
     def ensure(self) -> None:
         if self._timer is None:
             self._timer = self._loop.call_later(SWEEP_S, self._sweep)
+        if self._ticker is None and self.limit is not None:
+            self._ticker = self._loop.call_later(TICK_S, self._tick)
+
+    def _tick(self) -> None:
+        self._ticker = None
+        assert self.limit is not None
+        self.limit.adjust()
+        if self._connections:
+            self._ticker = self._loop.call_later(TICK_S, self._tick)
 
     def _sweep(self) -> None:
         self._timer = None
@@ -123,8 +145,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.limits = limits
         sweeper = _SWEEPERS.get(server_state)
         if sweeper is None:
-            sweeper = _SWEEPERS[server_state] = _Sweeper(self.connections, self.loop)
+            sweeper = _SWEEPERS[server_state] = _Sweeper(self.connections, self.loop, limits)
         self._sweeper = sweeper
+        self._limit = sweeper.limit
+        self._started = 0.0  # when the current request's headers were in; 0: not measured
         self._overloaded = _OverloadedApp(limits.retry_after_s)
         self._head_bytes = 0
         self._parsed = 0  # header blocks and messages completed on this connection
@@ -163,9 +187,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     # -- phases and their deadlines --------------------------------------------
 
-    def _start_phase(self, phase: str, timeout_s: float) -> None:
+    def _start_phase(self, phase: str, timeout_s: float) -> float:
         self._phase = phase
-        self._deadline = time.monotonic() + timeout_s
+        now = time.monotonic()
+        self._deadline = now + timeout_s
+        return now
 
     def check_deadline(self, now: float) -> None:
         """Called by the sweep: cut the connection off when its phase ran out of time."""
@@ -217,19 +243,36 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._parsed += 1
         self._in_head = False
         self._head_bytes = 0
-        self._start_phase("request body", self.limits.body_timeout_s)
-        if len(self.tasks) >= self.limits.max_concurrent_requests and not self.url.startswith(
-            _HEALTH
-        ):
+        now = self._start_phase("request body", self.limits.body_timeout_s)
+        limit = self._limit
+        in_progress = len(self.tasks)
+        if limit is not None:
+            allowed = limit.limit
+            if in_progress > limit.peak:
+                limit.peak = in_progress
+        else:
+            allowed = self.limits.max_concurrent_requests
+        if in_progress >= allowed and not self.url.startswith(_HEALTH):
             # uvicorn's limit_concurrency in our answer's shape: the app slot, swapped for
             # this one request (the chain never sees it).
+            self._started = 0.0
+            if limit is not None:
+                limit.refused += 1
             app, self.app = self.app, self._overloaded
             try:
                 super().on_headers_complete()
             finally:
                 self.app = app
             return
+        self._started = now
         super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        started, limit = self._started, self._limit
+        if started and limit is not None:
+            limit.finished(time.monotonic() - started)
+            self._started = 0.0
+        super().on_response_complete()
 
     def on_message_complete(self) -> None:
         self._parsed += 1

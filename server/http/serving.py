@@ -47,6 +47,9 @@ def connection_limits(settings: Settings) -> ConnectionLimits:
         body_timeout_s=limits.body_timeout_s,
         max_header_bytes=limits.max_header_bytes,
         retry_after_s=settings.retry_after_s,
+        target_latency_s=(
+            limits.target_latency_ms / 1000 if limits.target_latency_ms is not None else None
+        ),
     )
 
 
