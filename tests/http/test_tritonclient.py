@@ -144,7 +144,13 @@ def test_inference_equals_in_process_prediction(
         want = expected[name]
         assert got.shape == want.shape, name
         assert got.dtype == want.dtype, name
-        np.testing.assert_array_equal(got, want, err_msg=f"{model} v{version} {name}")
+        if model == "fraud":
+            # executor auto: small batches run on compiled trees, within the parity tolerance
+            # checked at load (runtime_options.parity_tolerance, 1e-5); pinned to xgboost the
+            # answers are bit for bit (tests/core/test_executors.py).
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=f"{model} v{version}")
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=f"{model} v{version} {name}")
 
 
 def test_unversioned_request_is_answered_by_the_default_version(
