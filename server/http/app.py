@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp
 
+from server import __version__
 from server.config import Settings
 from server.core.stack import open_dataplane
 from server.errors import ServingError
@@ -25,6 +26,7 @@ from server.http.governance import GovernanceApi
 from server.http.handle import PlaneHandle
 from server.http.infer import HotRoutes, InferEndpoint
 from server.http.monitoring import MonitoringApi
+from server.http.openapi import openapi_route
 from server.http.routes import V2Api
 from server.http.telemetry import EdgeTelemetry, TelemetryMiddleware
 from server.http.traffic import TrafficApi
@@ -97,13 +99,14 @@ def create_app(settings: Settings, access: Sequence[Layer] = ()) -> ASGIApp:
         # Starlette answers with this and re-raises; the chain's ErrorGuard logs it once.
         return internal_error_response(exc)
 
+    table = [
+        *api.routes(),
+        *monitoring_api.routes(),
+        *traffic_api.routes(),
+        *governance_api.routes(),
+    ]
     router = Starlette(
-        routes=[
-            *api.routes(),
-            *monitoring_api.routes(),
-            *traffic_api.routes(),
-            *governance_api.routes(),
-        ],
+        routes=[*table, openapi_route(table, __version__)],
         lifespan=lifespan,
         exception_handlers={
             ServingError: on_serving_error,
