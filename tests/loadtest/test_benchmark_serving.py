@@ -44,7 +44,7 @@ def test_quick_run_measures_every_workload_and_writes_only_its_readme_section(
     states = {k: c["state"] for k, c in doc["contenders"].items()}
     assert states == {**dict.fromkeys(measured, "measured"), "sluice-cache": "skipped",
                       "mlserver": "unavailable"}  # fmt: skip
-    assert "cache not built yet" in doc["contenders"]["sluice-cache"]["reason"]
+    assert "--with-cache" in doc["contenders"]["sluice-cache"]["reason"]
     assert [w["key"] for w in doc["workloads"]] == [w.key for w in WORKLOADS]
     for workload in doc["workloads"]:
         assert set(workload["results"]) == measured, workload["key"]
