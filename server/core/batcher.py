@@ -388,7 +388,7 @@ class MicroBatcher:
                 )
                 continue
             waited = now - item.enqueued_at
-            if self._admission.overdue(waited):
+            if self._admission.overdue(waited, now):
                 item.future.set_exception(
                     Overloaded(
                         f"request waited {waited * 1000:.1f} ms in the queue, over the model's "

@@ -8,8 +8,10 @@ every request late). So the protocol counts the requests in progress and
 measures how long each one stays (headers in -> answer out), and a
 controller moves the limit every ``TICK_S``:
 
-- mean time in the server over the target: the limit shrinks in
-  proportion (never below ``floor``);
+- mean time in the server over the target in two ticks running (a GC
+  pause or one slow moment is let through) and over at least
+  ``MIN_SAMPLES`` requests: the limit shrinks in proportion (at most by
+  half a tick, never below ``floor``);
 - under it: the limit grows by a tenth (up to ``ceiling``,
   ``limits.max_concurrent_requests``).
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 TICK_S = 0.05
 FLOOR = 8  # enough requests in progress to keep batches forming and threads busy
+MIN_SAMPLES = 10  # fewer answers in a tick say too little about the time they take
 
 
 class AdaptiveLimit:
@@ -36,6 +39,7 @@ class AdaptiveLimit:
 
     __slots__ = (
         "_count",
+        "_over",
         "_quiet_s",
         "_total_s",
         "ceiling",
@@ -56,6 +60,7 @@ class AdaptiveLimit:
         self._total_s = 0.0
         self._count = 0
         self._quiet_s = 0.0  # moving average of the mean in ticks with few in progress
+        self._over = False  # the last tick's mean was over the target
 
     @property
     def target(self) -> float:
@@ -76,7 +81,11 @@ class AdaptiveLimit:
             quiet = self._quiet_s
             self._quiet_s = mean if quiet == 0.0 else quiet + 0.1 * (mean - quiet)
         target = self.target
-        if mean > target:
+        over = count >= MIN_SAMPLES and mean > target
+        was_over, self._over = self._over, over
+        if over and was_over:
             self.limit = max(self.floor, int(self.limit * max(0.5, target / mean)))
+        elif over:
+            return  # once may be a pause: wait for the next tick
         elif self.limit < self.ceiling:
             self.limit = min(self.ceiling, self.limit + max(1, self.limit // 10))

@@ -73,7 +73,9 @@ async def test_requests_that_waited_past_the_target_are_refused_before_compute(
     queued = [asyncio.create_task(batcher.submit(rows(i, 1), 1)) for i in range(1, 4)]
     await one_turn()
     assert batcher.depth == 3
-    clock.advance(0.050)  # they have now waited 50 ms, over the 10 ms target
+    # Requests had been waiting past the target for longer than CoDel's interval.
+    batcher.admission.overdue(0.050, clock.now())
+    clock.advance(0.200)  # the three have now waited 200 ms, over the 10 ms target
     model.gate.set()
     await first
     outcomes = await asyncio.gather(*queued, return_exceptions=True)
@@ -82,6 +84,16 @@ async def test_requests_that_waited_past_the_target_are_refused_before_compute(
     assert model.calls == 1, "the late requests were never computed"
     assert batcher.admission.dropped == 3
     await batcher.close()
+
+
+def test_a_short_excursion_over_the_target_is_let_through() -> None:
+    admission = DelayAdmission(target_s=0.010)
+    assert not admission.overdue(0.030, now=100.0), "the first late one starts the interval"
+    assert not admission.overdue(0.030, now=100.05)
+    assert not admission.overdue(0.002, now=100.06), "back within the target"
+    assert not admission.overdue(0.030, now=100.2), "a new interval starts"
+    assert admission.overdue(0.030, now=100.31), "late for a whole interval: refused"
+    assert admission.dropped == 1
 
 
 async def test_excess_requests_are_refused_at_once_when_the_queue_would_hold_them_too_long(

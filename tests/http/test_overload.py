@@ -21,7 +21,9 @@ def test_below_saturation_nothing_is_limited() -> None:
 
 def test_slow_answers_shrink_the_limit_and_quick_ones_grow_it_back() -> None:
     limit = AdaptiveLimit(target_s=0.010, ceiling=1024)
-    tick(limit, 0.040)  # four times the target: halved at most per tick
+    tick(limit, 0.040)  # one slow tick may be a pause: nothing changes yet
+    assert limit.limit == 1024
+    tick(limit, 0.040)  # four times the target twice running: halved at most per tick
     assert limit.limit == 512
     for _ in range(20):
         tick(limit, 0.040)
@@ -49,8 +51,19 @@ def test_an_overloaded_server_does_not_raise_its_own_target() -> None:
     assert limit.limit == limit.floor
 
 
+def test_one_slow_moment_or_a_few_slow_answers_change_nothing() -> None:
+    limit = AdaptiveLimit(target_s=0.010, ceiling=100)
+    for _ in range(10):
+        tick(limit, 1.0)
+        tick(limit, 0.001)
+    tick(limit, 1.0, requests=5)
+    tick(limit, 1.0, requests=5)
+    assert limit.limit == 100
+
+
 def test_an_idle_tick_lets_the_limit_recover() -> None:
     limit = AdaptiveLimit(target_s=0.010, ceiling=100)
+    tick(limit, 1.0)
     tick(limit, 1.0)
     assert limit.limit < 100
     for _ in range(100):
