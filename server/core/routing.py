@@ -156,13 +156,9 @@ class Router:
 
     def choose(self, name: str, version: int | None = None, key: str | None = None) -> Route:
         """The route of one request; raises ``ModelNotFound`` or ``ModelNotReady``."""
-        model = self._models.get(name)
-        if model is None:
-            raise ModelNotFound.model(name)
+        model = self._model(name)
         if version is not None:
-            route = model.routes.get(version)
-            if route is None:
-                raise ModelNotFound.version(name, version, model.routes)
+            route = self._explicit(model, name, version)
             mv = route.serving
             if mv.state is not VersionState.READY:
                 raise ModelNotReady(f"model '{name}' version {version} is not ready: {mv.reason}")
@@ -182,6 +178,19 @@ class Router:
             return fallback
         raise ModelNotReady(f"model '{name}' has no ready version: {model.entry.why()}")
 
+    def _model(self, name: str) -> _Model:
+        model = self._models.get(name)
+        if model is None:
+            raise ModelNotFound.model(name)
+        return model
+
+    @staticmethod
+    def _explicit(model: _Model, name: str, version: int) -> Route:
+        route = model.routes.get(version)
+        if route is None:
+            raise ModelNotFound.version(name, version, model.routes)
+        return route
+
     def shown(self, name: str, version: int | None = None) -> ModelVersion | None:
         """The version a metadata request describes.
 
@@ -189,14 +198,9 @@ class Router:
         else the highest version even when it is not ready, so that a broken
         model still answers metadata with its reason.
         """
-        model = self._models.get(name)
-        if model is None:
-            raise ModelNotFound.model(name)
+        model = self._model(name)
         if version is not None:
-            route = model.routes.get(version)
-            if route is None:
-                raise ModelNotFound.version(name, version, model.routes)
-            return route.serving
+            return self._explicit(model, name, version).serving
         for route in (model.primary, model.fallback):
             if route is not None and route.serving.state is VersionState.READY:
                 return route.serving
