@@ -85,6 +85,29 @@ _FIXED = {
 }
 
 
+_KNOWN_PATHS = 4096  # paths whose requirement is remembered (a dict lookup next time)
+
+
+class Requirements:
+    """``requirement`` with the answers for recent paths remembered, at most ``_KNOWN_PATHS``.
+
+    The paths are the clients' to choose: the memory is cleared when full.
+    """
+
+    __slots__ = ("_known",)
+
+    def __init__(self) -> None:
+        self._known: dict[str, Requirement] = {}
+
+    def of(self, path: str) -> Requirement:
+        found = self._known.get(path)
+        if found is None:
+            if len(self._known) >= _KNOWN_PATHS:
+                self._known.clear()
+            found = self._known[path] = requirement(path)
+        return found
+
+
 def requirement(path: str) -> Requirement:
     """What ``path`` asks of the caller, from the path alone (the router has not run yet)."""
     fixed = _FIXED.get(path)
@@ -128,21 +151,32 @@ class ApiKey:
 
 
 class KeyRing:
-    """The keys in force; ``find`` is a hash, a dict lookup and a constant-time compare."""
+    """The keys in force.
 
-    __slots__ = ("_index", "size")
+    A key seen before is a dict lookup (only keys that matched are remembered,
+    so at most one entry per configured key; the dict's hash is salted per
+    process). A new one costs a SHA-256, a lookup by the digest's first 8
+    bytes and a constant-time compare of the whole digest.
+    """
+
+    __slots__ = ("_index", "_matched", "size")
 
     def __init__(self, keys: Iterable[ApiKey]) -> None:
         index: dict[bytes, tuple[ApiKey, ...]] = {}
         for key in keys:
             index[key.digest[:8]] = (*index.get(key.digest[:8], ()), key)
         self._index = index
+        self._matched: dict[bytes, ApiKey] = {}
         self.size = sum(len(found) for found in index.values())
 
     def find(self, presented: bytes) -> ApiKey | None:
+        known = self._matched.get(presented)
+        if known is not None:
+            return known
         digest = hashlib.sha256(presented).digest()
         for key in self._index.get(digest[:8], ()):
             if hmac.compare_digest(key.digest, digest):
+                self._matched[presented] = key  # one entry per configured key at most
                 return key
         return None
 
@@ -261,12 +295,13 @@ class ApiKeyAuth:
     def __init__(self, app: ASGIApp, keys: KeySource) -> None:
         self.app = app
         self.keys = keys
+        self.requirements = Requirements()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        need = requirement(scope["path"])
+        need = self.requirements.of(scope["path"])
         if need.need is Need.OPEN:
             await self.app(scope, receive, send)
             return

@@ -126,6 +126,7 @@ class _Sweeper:
             self.ensure()
 
 
+_BASE = HttpToolsProtocol
 _SWEEPERS: weakref.WeakKeyDictionary[ServerState, _Sweeper] = weakref.WeakKeyDictionary()
 
 
@@ -222,9 +223,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     # -- parsing ---------------------------------------------------------------
 
+    # Each override calls the base class directly (not super()) and reads the clock at
+    # most once: these run for every request, on the loop.
+
     def data_received(self, data: bytes) -> None:
         seen = self._parsed
-        super().data_received(data)
+        if not self._deadline:
+            # A keep-alive connection's next request: its headers' deadline starts now
+            # (the first request's ran from the connection).
+            self._phase = "request headers"
+            self._deadline = time.monotonic() + self.limits.header_timeout_s
+        _BASE.data_received(self, data)
         if seen == self._parsed and self._in_head and not self.transport.is_closing():
             # Counted once the chunk is parsed, and only if it completed no header block and
             # no message (then part of it was body): httptools holds one chunk more at most.
@@ -234,16 +243,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                     431, f"request line and headers exceed {self.limits.max_header_bytes} bytes"
                 )
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        if not self._deadline:  # the first request's deadline runs from the connection
-            self._start_phase("request headers", self.limits.header_timeout_s)
-
     def on_headers_complete(self) -> None:
         self._parsed += 1
         self._in_head = False
         self._head_bytes = 0
-        now = self._start_phase("request body", self.limits.body_timeout_s)
+        self._phase = "request body"
+        now = time.monotonic()
+        self._deadline = now + self.limits.body_timeout_s
         limit = self._limit
         in_progress = len(self.tasks)
         if limit is not None:
@@ -252,33 +258,35 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 limit.peak = in_progress
         else:
             allowed = self.limits.max_concurrent_requests
-        if in_progress >= allowed and not self.url.startswith(_HEALTH):
-            # uvicorn's limit_concurrency in our answer's shape: the app slot, swapped for
-            # this one request (the chain never sees it).
-            self._started = 0.0
-            if limit is not None:
-                limit.refused += 1
-            app, self.app = self.app, self._overloaded
-            try:
-                super().on_headers_complete()
-            finally:
-                self.app = app
+        if in_progress < allowed or self.url.startswith(_HEALTH):
+            self._started = now
+            _BASE.on_headers_complete(self)
             return
-        self._started = now
-        super().on_headers_complete()
-
-    def on_response_complete(self) -> None:
-        started, limit = self._started, self._limit
-        if started and limit is not None:
-            limit.finished(time.monotonic() - started)
-            self._started = 0.0
-        super().on_response_complete()
+        # uvicorn's limit_concurrency in our answer's shape: the app slot, swapped for
+        # this one request (the chain never sees it).
+        self._started = 0.0
+        if limit is not None:
+            limit.refused += 1
+        app, self.app = self.app, self._overloaded
+        try:
+            _BASE.on_headers_complete(self)
+        finally:
+            self.app = app
 
     def on_message_complete(self) -> None:
         self._parsed += 1
         self._in_head = True
         self._deadline = 0.0
-        super().on_message_complete()
+        _BASE.on_message_complete(self)
+
+    def on_response_complete(self) -> None:
+        started = self._started
+        if started:
+            self._started = 0.0
+            limit = self._limit
+            if limit is not None:
+                limit.finished(time.monotonic() - started)
+        _BASE.on_response_complete(self)
 
     def send_400_response(self, msg: str) -> None:
         self._deadline = 0.0
