@@ -63,6 +63,7 @@ class Memory:
 @dataclass(frozen=True, slots=True)
 class Report:
     model: str
+    rows_per_request: int
     capacity_rps: float
     offered_rps: float
     duration_s: float
@@ -170,6 +171,7 @@ async def measure(url: str, pid: int, args: argparse.Namespace) -> Report:
     after = memory(pid)
     return Report(
         model=args.model,
+        rows_per_request=args.rows_per_request,
         capacity_rps=capacity,
         offered_rps=offered,
         duration_s=args.duration,
@@ -202,7 +204,7 @@ def readme_table(report: Report, argv: list[str] | None) -> str:
         f"({report.memory_after.peak_mib:.0f}) |",
     ]
     prose = (
-        f"`{report.model}`, 1-row JSON requests. Capacity (closed loop) "
+        f"`{report.model}`, {report.rows_per_request}-row JSON requests. Capacity (closed loop) "
         f"{report.capacity_rps:,.0f} req/s; offered twice that in open loop (Poisson) for "
         f"{report.duration_s:g} s over {report.connections} connections, {report.sent:,} "
         f"requests; {report.accepted_rps:,.0f} 2xx/s were answered meanwhile. Unloaded: "

@@ -30,7 +30,9 @@ the limit sits at its ceiling: nothing is refused.
 from __future__ import annotations
 
 TICK_S = 0.05
-FLOOR = 8  # enough requests in progress to keep batches forming and threads busy
+# Enough requests in progress to keep batches full and threads busy: below it, batches
+# shrink, each row costs more, and shedding would cut throughput instead of waiting.
+FLOOR = 64
 MIN_SAMPLES = 10  # fewer answers in a tick say too little about the time they take
 
 

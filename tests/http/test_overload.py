@@ -27,7 +27,7 @@ def test_slow_answers_shrink_the_limit_and_quick_ones_grow_it_back() -> None:
     assert limit.limit == 512
     for _ in range(20):
         tick(limit, 0.040)
-    assert limit.limit == limit.floor == 8
+    assert limit.limit == limit.floor == 64
     for _ in range(200):
         tick(limit, 0.002)
     assert limit.limit == 1024
