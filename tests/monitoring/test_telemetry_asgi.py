@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 from monitoring_support import FEATURES, MODEL, build_credit, infer_body, labels_for, sample
 from prometheus_client.parser import text_string_to_metric_families
@@ -155,7 +156,22 @@ def test_data_quality_rates_per_feature(client: TestClient) -> None:
     x[:20, 0] = np.nan
     x[20:30, 0] = np.inf
     x[30:70, 2] = 50.0  # far beyond the training range
-    send(client, x)
+    # JSON has no infinity (and the codec takes JSON numbers only): binary tensors carry it.
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "features",
+                    "datatype": "FP32",
+                    "shape": list(x.shape),
+                    "parameters": {"binary_data_size": x.astype(np.float32).nbytes},
+                }
+            ]
+        }
+    )
+    body = header + x.astype("<f4").tobytes()
+    headers = {"Inference-Header-Content-Length": str(len(header))}
+    assert client.post(INFER, content=body, headers=headers).status_code == 200
     report = client.get(f"/v2/models/{MODEL}/drift").json()
     columns = report["data_drift"]["columns"]
     assert columns["x0"]["missing_ratio"] == pytest.approx(0.1)
