@@ -16,7 +16,7 @@ queueing delay, and
 The target is the model's own when set; else it adapts to the model: its
 batching delay plus ``BATCHES`` recent batch times, and at least
 ``FLOOR_S`` (a model whose batch takes 40 ms, or that holds requests 20 ms
-to form batches, cannot promise anyone 5 ms, and must not shed all its
+to form batches, cannot promise anyone 20 ms, and must not shed all its
 traffic trying).
 """
 
