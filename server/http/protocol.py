@@ -71,8 +71,20 @@ def raw_response(status: int, message: str, extra: tuple[tuple[bytes, bytes], ..
     return b"".join([*head, b"\r\n", body])
 
 
+_BUSY = orjson.dumps({"error": "the server is answering too many requests; retry shortly"})
+_OVERLOADED = b"".join(
+    [
+        STATUS_LINE[503],
+        b"content-type: application/json\r\n",
+        b"content-length: %d\r\n" % len(_BUSY),
+        b"retry-after: 1\r\n\r\n",
+        _BUSY,
+    ]
+)
+
+
 async def _overloaded(scope: Any, receive: Any, send: Any, *, retry_after: bytes) -> None:
-    body = orjson.dumps({"error": "the server is answering too many requests; retry shortly"})
+    body = _BUSY
     await send(
         {
             "type": "http.response.start",
@@ -150,7 +162,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._sweeper = sweeper
         self._limit = sweeper.limit
         self._started = 0.0  # when the current request's headers were in; 0: not measured
+        self._refused = False  # the current request was refused without a cycle
         self._overloaded = _OverloadedApp(limits.retry_after_s)
+        self._overloaded_bytes = _OVERLOADED.replace(
+            b"retry-after: 1\r\n", b"retry-after: %d\r\n" % limits.retry_after_s
+        )
         self._head_bytes = 0
         self._parsed = 0  # header blocks and messages completed on this connection
         self._in_head = True  # reading a request line and headers (or waiting for one)
@@ -262,11 +278,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._started = now
             _BASE.on_headers_complete(self)
             return
-        # uvicorn's limit_concurrency in our answer's shape: the app slot, swapped for
-        # this one request (the chain never sees it).
         self._started = 0.0
         if limit is not None:
             limit.refused += 1
+        cycle = self.cycle
+        if cycle is not None and cycle.response_complete and self.parser.should_keep_alive():
+            # The cheapest refusal: the answer written at once, no task, no cycle; the body
+            # that follows is dropped by the base class (its cycle is complete), and the
+            # connection stays open for the client's retry.
+            self.transport.write(self._overloaded_bytes)  # the body deadline still holds
+            self._refused = True
+            return
+        # Otherwise (a connection's first request, pipelining): uvicorn's limit_concurrency
+        # in our answer's shape, the app slot swapped for this one request.
         app, self.app = self.app, self._overloaded
         try:
             _BASE.on_headers_complete(self)
@@ -278,6 +302,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._in_head = True
         self._deadline = 0.0
         _BASE.on_message_complete(self)
+        if self._refused:
+            # Answered at once, without a cycle: what uvicorn does once an answer is
+            # complete, the idle keep-alive timer, is done here.
+            self._refused = False
+            self._unset_keepalive_if_required()
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
     def on_response_complete(self) -> None:
         started = self._started

@@ -161,6 +161,53 @@ def test_beyond_the_concurrent_request_limit_the_answer_is_503_at_once(server: S
     assert probe.status_code == 200, "health is exempt from the limit"
 
 
+def test_a_refused_keep_alive_client_can_go_on_on_the_same_connection(server: Served) -> None:
+    head = b"POST /v2/models/tree/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+    infer = b"POST /v2/models/tree/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(BODY),
+        BODY,
+    )
+    probe = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    holders = [connect(server) for _ in range(3)]
+    try:
+        for sock in holders:
+            send(sock, head)
+        with connect(server) as sock:
+            send(sock, probe)
+            assert _one_answer(sock).startswith(b"HTTP/1.1 200")
+            statuses = []
+            for _ in range(200):  # until the holders' requests are in progress (bounded)
+                send(sock, infer)
+                answer = _one_answer(sock)
+                statuses.append(answer.split(b" ", 2)[1])
+                if statuses[-1] == b"503":
+                    break
+            assert statuses[-1] == b"503", statuses
+            assert b"retry-after: 1" in answer
+            # Its body was dropped and the parser is in step: the next request is answered.
+            send(sock, probe)
+            assert _one_answer(sock).startswith(b"HTTP/1.1 200")
+            # Refused and then idle: closed after the keep-alive timeout like any other.
+            send(sock, infer)
+            rest = read_all(sock)
+            assert rest.startswith(b"HTTP/1.1 503"), rest[:100]
+    finally:
+        for holder in holders:
+            holder.close()
+
+
+def _one_answer(sock: socket.socket) -> bytes:
+    """One response on a keep-alive connection (its Content-Length says where it ends)."""
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        raw += sock.recv(65536)
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return head + b"\r\n\r\n" + rest
+
+
 def _until_refused(server: Served) -> httpx.Response:
     # The holders' requests start when the server has parsed their headers; until then a
     # request may still get in. Bounded: the holders time out after 1 s anyway.
