@@ -232,12 +232,16 @@ class Steering:
         return below[-1] if below else -1
 
     async def _apply(self, name: str, doc: TrafficDocument, status: Status) -> None:
+        self._install(name, doc, status)
+        await self._persist(name, doc, status)
+
+    def _install(self, name: str, doc: TrafficDocument, status: Status) -> None:
+        """Route by ``doc`` from now on; the rollout's figures start anew."""
         status.step_started = self._clock()
         self._router.set_traffic(name, doc)
         self.rollout.status[name] = status
         self.rollout.watch(name, doc.analysis.decision_threshold)
         self._watch(name, doc)
-        await self._persist(name, doc, status)
 
     def _watch(self, name: str, doc: TrafficDocument) -> None:
         if (doc.canary is not None and doc.canary.weight > 0) or doc.shadows:
@@ -313,11 +317,7 @@ class Steering:
             log.warning("ignored the persisted traffic of %s: %s", name, exc)
             return
         self._revisions[name] = int(state["revision"])
-        status.step_started = self._clock()
-        self._router.set_traffic(name, doc)
-        self.rollout.status[name] = status
-        self.rollout.watch(name, doc.analysis.decision_threshold)
-        self._watch(name, doc)
+        self._install(name, doc, status)  # not persisted again: another process wrote it
 
     async def _analyse(self, name: str) -> None:
         doc = self._router.traffic(name)
