@@ -63,6 +63,10 @@ class BatchingConfig(_Strict):
     # in the pool, where they stop collecting requests (at 64 clients on one CPU, 2
     # batches in flight for 1 thread gave batches half the size and 15 % less throughput).
     max_batches_in_flight: int | None = Field(default=None, ge=1, le=64)
+    # Admission (server.core.admission): a request predicted to queue longer than this
+    # is refused with 503 at once. None: adapted to the model (its batching delay plus
+    # four batch times, at least 20 ms).
+    target_queue_delay_ms: float | None = Field(default=None, gt=0, le=60_000)
 
 
 class CacheConfig(_Strict):
@@ -77,6 +81,24 @@ class CacheConfig(_Strict):
     ttl_s: float = Field(default=900.0, gt=0, le=30 * 86400)
     max_entries: int = Field(default=100_000, ge=1)
     max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+
+
+class BreakerConfig(_Strict):
+    """The circuit breaker of each version (defaults: README "Circuit breaker").
+
+    Opens when, over the last ``window_s``, at least ``min_calls`` requests ran
+    and ``failure_rate`` of them failed; half-open after ``cooldown_s``, when
+    ``probes`` requests are let through; each failed round of probes doubles
+    the cooldown, up to ``max_cooldown_s``.
+    """
+
+    enabled: bool = True
+    window_s: float = Field(default=10.0, ge=1, le=600)
+    min_calls: int = Field(default=20, ge=1)
+    failure_rate: float = Field(default=0.5, gt=0, le=1)
+    cooldown_s: float = Field(default=5.0, gt=0, le=3600)
+    max_cooldown_s: float = Field(default=60.0, gt=0, le=86_400)
+    probes: int = Field(default=5, ge=1, le=1000)
 
 
 class VersionPolicy(_Strict):
@@ -104,6 +126,7 @@ class ModelConfig(_Strict):
     runtime_options: dict[str, Any] = Field(default_factory=dict)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
     traffic: TrafficDocument | None = None
     version_policy: VersionPolicy = Field(default_factory=lambda: VersionPolicy(latest=1))
 

@@ -1,7 +1,21 @@
-"""The adaptive limit on requests in progress, driven by the times it is told."""
+"""Overload: the edge's adaptive limit on requests in progress, driven by the times it is
+told, and a model's own admission target from model.yaml, in process."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+from asgi_support import lifespan
+from factory import train_xgboost, write_yaml, xgboost_config
+
+from server.config import Settings
+from server.http.app import create_app
 from server.http.overload import AdaptiveLimit
 
 
@@ -69,3 +83,54 @@ def test_an_idle_tick_lets_the_limit_recover() -> None:
     for _ in range(100):
         limit.adjust()  # no traffic at all
     assert limit.limit == 100
+
+
+BODY = orjson.dumps(
+    {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 4], "data": [0.5] * 4}]}
+)
+
+
+@pytest.fixture(scope="module")
+def targets_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tight``: a target queueing delay of 1 us in model.yaml; ``adaptive``: the default."""
+    root = tmp_path_factory.mktemp("targets")
+    batching = {"max_batch_size": 32, "max_queue_delay_ms": 2.0}
+    tight = {**batching, "target_queue_delay_ms": 0.001}
+    for name, config in (("tight", tight), ("adaptive", batching)):
+        write_yaml(root / name / "model.yaml", xgboost_config(batching=config))
+        train_xgboost(root / name / "1")
+    return root
+
+
+@asynccontextmanager
+async def serving(repo: Path) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(Settings(model_repository=repo, inference_threads=1))
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        lifespan(app),
+        httpx.AsyncClient(transport=transport, base_url="http://sluice") as client,
+    ):
+        yield client
+
+
+async def burst(client: httpx.AsyncClient, model: str, requests: int) -> list[httpx.Response]:
+    path = f"/v2/models/{model}/infer"
+    first = await client.post(path, content=BODY)  # one batch measured: waits can be predicted
+    assert first.status_code == 200, first.text
+    # All started in one turn of the loop: the first one's batch is computing while the
+    # others queue behind it.
+    return list(await asyncio.gather(*(client.post(path, content=BODY) for _ in range(requests))))
+
+
+async def test_a_model_with_a_tight_target_sheds_a_burst_its_default_would_queue(
+    targets_repo: Path,
+) -> None:
+    async with serving(targets_repo) as client:
+        tight = await burst(client, "tight", 32)
+        adaptive = await burst(client, "adaptive", 32)
+    statuses = sorted({r.status_code for r in tight})
+    assert statuses == [200, 503], statuses
+    refused = [r for r in tight if r.status_code == 503]
+    assert all(r.headers["retry-after"] == "1" for r in refused)
+    assert "over the model's target of 0.0 ms" in refused[0].json()["error"]
+    assert [r.status_code for r in adaptive] == [200] * 32, "the default target queues them"
