@@ -13,7 +13,7 @@ import itertools
 import os
 import time
 from collections.abc import Awaitable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server import __version__
 from server.core.catalog import (
@@ -28,13 +28,16 @@ from server.core.governance import Action, Approval, Governance
 from server.core.governance.approvals import card_approval
 from server.core.governance.cards import ModelCard
 from server.core.monitoring.feedback import FeedbackOutcome, Label
-from server.core.monitoring.worker import MonitoringWorker
 from server.core.registry import ModelEntry, ModelRegistry, ModelVersion
 from server.core.routing import Reason, Route, Router
 from server.core.runtimes import DEFAULT_PLATFORMS, PLATFORMS
 from server.core.service import InferenceRequest, InferenceResult, InferenceService
 from server.core.steering import Steering, TrafficView
 from server.errors import InvalidInput, ModelNotFound, ServingError, Unsupported
+
+if TYPE_CHECKING:
+    # The worker brings scipy; a data plane without monitoring (batch) never loads it.
+    from server.core.monitoring.worker import MonitoringWorker
 
 SERVER_NAME = "sluice"
 
@@ -224,6 +227,8 @@ class DataPlane:
         audit = self._governance.audit if self._governance else None
         if audit is not None:
             audit.record_entry(Action.LOAD, entry, actor=actor, reason="load request")
+        if entry.reload_error:
+            raise InvalidInput(f"failed to reload '{name}': {entry.reload_error}")
         if not entry.ready_versions():
             reason = entry.error or "; ".join(
                 f"version {v.version}: {v.reason}" for v in entry.versions.values()

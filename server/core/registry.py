@@ -1,23 +1,35 @@
 """Live model versions: loading, reloading and unloading runtimes and their dispatchers.
 
 A broken model or version is kept with state UNAVAILABLE and the reason, and
-never stops the others from loading. A reload builds the new versions before
-the old ones stop taking traffic, and the old ones finish what they queued.
+never stops the others from loading. A reload rebuilds only the versions whose
+artifact (sha256) or model.yaml changed, in the registry's own loader thread,
+and swaps each one in once it is loaded and has answered a test batch; a
+version that fails to rebuild leaves the one serving in place. A replaced or
+unloaded version stops taking new requests first, then finishes what it had
+queued; a request routed to it just before the swap is served by its
+successor (``ModelVersion.successor``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from concurrent.futures import Executor
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 from opentelemetry.trace import Tracer
 
-from server.core.batcher import BatchRecord, DirectDispatcher, Dispatcher, MicroBatcher
+from server.core.batcher import (
+    BatchRecord,
+    DirectDispatcher,
+    Dispatcher,
+    MicroBatcher,
+    Tensors,
+)
+from server.core.breaker import BreakerEvent, BreakerListener, BreakerState, CircuitBreaker
 from server.core.cache import CachedDispatcher
 from server.core.catalog import VersionState
 from server.core.model_config import ModelConfig
@@ -25,10 +37,10 @@ from server.core.monitoring.tracing import BatchTracing
 from server.core.repository import ModelRepository, RepositoryError, VersionSource
 from server.core.routing import Router
 from server.core.runtimes import RUNTIMES, Runtime, SignatureMismatch
-from server.core.signature import Signature
+from server.core.signature import FLOAT_TYPES, Signature
 from server.core.stats import VersionStats
 from server.core.store import SharedStore
-from server.errors import ServingError
+from server.errors import RuntimeFailure, ServingError
 
 log = logging.getLogger("sluice.registry")
 
@@ -54,6 +66,10 @@ class ModelVersion:
     dispatcher: Dispatcher | None = None
     cache: CachedDispatcher | None = None  # the dispatcher, when the model caches results
     stats: VersionStats = field(default_factory=VersionStats)
+    breaker: CircuitBreaker | None = None
+    # Set when a reload replaced this version: a request routed here just before the
+    # swap is served by the new one instead of failing.
+    successor: ModelVersion | None = None
 
     @property
     def sha256(self) -> str:
@@ -73,6 +89,8 @@ class ModelEntry:
     error: str = ""
     versions: dict[int, ModelVersion] = field(default_factory=dict)
     unloaded: bool = False
+    # The last reload that failed while earlier versions kept serving ("" if none).
+    reload_error: str = ""
 
     def ready_versions(self) -> list[ModelVersion]:
         return [v for _, v in sorted(self.versions.items()) if v.state is VersionState.READY]
@@ -103,11 +121,15 @@ class ModelRegistry:
         self.repository = repository
         self.router = router if router is not None else Router()
         self._executor = executor
+        # Loading reads and hashes artifacts and builds runtimes: never in the inference
+        # pool, where a reload would hold up every batch behind it.
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="sluice-load")
         self._threads = threads
         self._batching_enabled = batching_enabled
         self._executions = tuple(executions)
         self._tracer = tracer
         self._shared_cache = shared_cache
+        self._breaker_listeners: list[BreakerListener] = []
         self._models: dict[str, ModelEntry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -115,21 +137,41 @@ class ModelRegistry:
     def models(self) -> dict[str, ModelEntry]:
         return self._models
 
+    def on_breaker(self, listener: BreakerListener) -> None:
+        """Call ``listener`` whenever a version's circuit breaker opens or closes."""
+        self._breaker_listeners.append(listener)
+
     async def load_all(self) -> None:
         """Load every model found in the repository, concurrently."""
         await asyncio.gather(*(self.load(name) for name in self.repository.names()))
 
     async def load(self, name: str) -> ModelEntry:
-        """Load (or reload) a model; raises ModelNotFound if it is not in the repository."""
+        """Load (or reload) a model; raises ModelNotFound if it is not in the repository.
+
+        On a reload, versions whose artifact and model.yaml are unchanged keep
+        serving untouched (their stats, cache and breaker included); the others
+        are rebuilt and swapped in. A version that fails to rebuild, or a
+        model.yaml that no longer parses, leaves what serves in place and says
+        so in ``reload_error``.
+        """
         self.repository.model_path(name)
         async with self._locks.setdefault(name, asyncio.Lock()):
-            entry = await self._build(name)
             previous = self._models.get(name)
+            current = previous if previous is not None and not previous.unloaded else None
+            entry = await self._build(name, current)
+            if current is not None:
+                entry = _keep_serving(current, entry)
             self._models[name] = entry
             self.router.update(entry)
             if previous is not None:
-                await _retire(previous)
+                kept = {id(mv) for mv in entry.versions.values()}
+                gone = [mv for mv in previous.versions.values() if id(mv) not in kept]
+                for mv in gone:
+                    mv.successor = entry.versions.get(mv.version)
+                await _retire(gone)
             for mv in entry.versions.values():
+                if previous is not None and previous.versions.get(mv.version) is mv:
+                    continue
                 if mv.state is VersionState.READY:
                     log.info(
                         "model %s version %d ready (%s, sha256 %s)",
@@ -140,7 +182,9 @@ class ModelRegistry:
                     )
                 else:
                     log.error("model %s version %d unavailable: %s", name, mv.version, mv.reason)
-            if entry.error:
+            if entry.reload_error:
+                log.error("model %s: %s", name, entry.reload_error)
+            elif entry.error:
                 log.error("model %s unavailable: %s", name, entry.error)
             return entry
 
@@ -154,7 +198,8 @@ class ModelRegistry:
             for mv in entry.versions.values():
                 if mv.state is VersionState.READY:
                     mv.state = VersionState.UNLOADING
-            await _retire(entry)
+            self.router.update(entry)
+            await _retire(list(entry.versions.values()))
             entry.unloaded = True
             for mv in entry.versions.values():
                 mv.state = VersionState.UNAVAILABLE
@@ -165,9 +210,10 @@ class ModelRegistry:
     async def close(self) -> None:
         """Drain and release every model."""
         for entry in list(self._models.values()):
-            await _retire(entry)
+            await _retire(list(entry.versions.values()))
             self.router.forget(entry.name)
         self._models.clear()
+        self._loader.shutdown(wait=True)
 
     def version(self, key: tuple[str, int]) -> ModelVersion | None:
         """The served version ``(name, number)``, if loaded (a lookup, not a routing choice)."""
@@ -189,10 +235,13 @@ class ModelRegistry:
             )
         return any(e.ready_versions() for e in entries)
 
-    async def _build(self, name: str) -> ModelEntry:
+    async def _build(self, name: str, current: ModelEntry | None) -> ModelEntry:
         entry = ModelEntry(name)
+        loop = asyncio.get_running_loop()
         try:
-            entry.config = self.repository.read_config(name)
+            entry.config = await loop.run_in_executor(
+                self._loader, self.repository.read_config, name
+            )
             on_disk = self.repository.versions_on_disk(name)
         except RepositoryError as exc:
             entry.error = str(exc)
@@ -201,28 +250,43 @@ class ModelRegistry:
         if not selected:
             entry.error = f"no version folder matches the version policy (on disk: {on_disk})"
             return entry
+        serving = current.versions if current is not None else {}
         built = await asyncio.gather(
-            *(self._build_version(name, entry.config, v) for v in selected)
+            *(self._build_version(name, entry.config, v, serving.get(v)) for v in selected)
         )
         entry.versions = {mv.version: mv for mv in built}
         return entry
 
-    async def _build_version(self, name: str, config: ModelConfig, version: int) -> ModelVersion:
+    async def _build_version(
+        self, name: str, config: ModelConfig, version: int, current: ModelVersion | None
+    ) -> ModelVersion:
         mv = ModelVersion(name, version, config, config.signature(), VersionState.LOADING)
         loop = asyncio.get_running_loop()
         try:
             # Hashing the artifact reads the whole file: not on the event loop.
             mv.source = await loop.run_in_executor(
-                self._executor, self.repository.read_version, name, version, config
+                self._loader, self.repository.read_version, name, version, config
             )
+            if (
+                current is not None
+                and current.state is VersionState.READY
+                and current.sha256 == mv.source.sha256
+                and current.config == config
+            ):
+                current.source = mv.source  # the same artifact; its card may have changed
+                return current
             factory = RUNTIMES[mv.source.runtime]
             mv.runtime = await loop.run_in_executor(
-                self._executor, factory, mv.source.artifact, mv.signature, config.runtime_options
+                self._loader, factory, mv.source.artifact, mv.signature, config.runtime_options
             )
-            await loop.run_in_executor(self._executor, _smoke_test, mv.runtime, mv.signature)
+            await loop.run_in_executor(self._loader, _smoke_test, mv.runtime, mv.signature)
         except (RepositoryError, SignatureMismatch, ServingError) as exc:
+            if mv.runtime is not None:
+                mv.runtime.close()
+                mv.runtime = None
             mv.state, mv.reason = VersionState.UNAVAILABLE, str(exc)
             return mv
+        mv.breaker = CircuitBreaker(config.breaker, name, version, self._breaker_event)
         dispatcher = self._dispatcher(mv)
         variable = [o.name for o in mv.signature.outputs if -1 in o.shape[1:]]
         if config.cache.enabled and variable:
@@ -245,10 +309,28 @@ class ModelRegistry:
         mv.state = VersionState.READY
         return mv
 
+    def _breaker_event(self, event: BreakerEvent) -> None:
+        level = logging.WARNING if event.state is BreakerState.OPEN else logging.INFO
+        log.log(
+            level,
+            "model %s version %d: circuit breaker %s: %s",
+            event.model,
+            event.version,
+            event.state.value,
+            event.reason,
+        )
+        for listener in self._breaker_listeners:
+            try:
+                listener(event)
+            except Exception:  # a listener (the audit log) must never fail a request
+                log.exception("breaker listener %r failed", listener)
+
     def _dispatcher(self, mv: ModelVersion) -> Dispatcher:
         assert mv.runtime is not None
+        assert mv.breaker is not None
         batching = mv.config.batching
         stats = mv.stats
+        breaker = mv.breaker
         executions = self._executions
         tracing = BatchTracing(self._tracer, mv.name, mv.version) if self._tracer else None
         # Not mv.runtime.executors.inline_rows: running the small compiled batches on the
@@ -256,18 +338,20 @@ class ModelRegistry:
         # 16.4k to 9.9k req/s (the loop computing instead of collecting requests, batches
         # stay small). Measured side by side with loadtest --compare, fraud v2, 2026-12-01.
         inline = 0
+        predict = _finite_outputs(mv)
 
         def observe(record: BatchRecord) -> None:
             if record.ok:
                 stats.record_execution(
                     record.rows, record.requests, record.queue_s, record.compute_ns
                 )
+            breaker.record(record.requests, record.ok)
             for execution in executions:
                 execution.executed(mv, record)
 
         if self._batching_enabled and batching.enabled and mv.signature.batched:
             batcher = MicroBatcher(
-                mv.runtime.predict,
+                predict,
                 self._executor,
                 max_batch_size=batching.max_batch_size,
                 max_queue_delay_s=batching.max_queue_delay_ms / 1000,
@@ -276,22 +360,66 @@ class ModelRegistry:
                 observer=observe,
                 tracing=tracing,
                 inline_rows=inline,
-                target_queue_delay_s=(
-                    batching.target_queue_delay_ms / 1000
-                    if batching.target_queue_delay_ms is not None
-                    else None
-                ),
             )
             batcher.start()
             return batcher
         return DirectDispatcher(
-            mv.runtime.predict,
+            predict,
             self._executor,
             batching.max_queue_size,
             observer=observe,
             tracing=tracing,
             inline_rows=inline,
         )
+
+
+def _keep_serving(current: ModelEntry, entry: ModelEntry) -> ModelEntry:
+    """``entry`` with every version that failed to rebuild replaced by the one serving."""
+    serving = {v: mv for v, mv in current.versions.items() if mv.state is VersionState.READY}
+    if not serving:
+        return entry
+    if entry.error:
+        current.reload_error = f"reload failed, the loaded versions keep serving: {entry.error}"
+        return current
+    failed = []
+    for v, mv in list(entry.versions.items()):
+        if mv.state is not VersionState.READY and v in serving:
+            failed.append(f"version {v}: {mv.reason}")
+            entry.versions[v] = serving[v]
+    entry.reload_error = (
+        f"reload failed, the loaded artifact keeps serving: {'; '.join(failed)}" if failed else ""
+    )
+    return entry
+
+
+def _finite_outputs(mv: ModelVersion) -> Callable[[Mapping[str, np.ndarray]], Tensors]:
+    """The runtime's predict, failing a batch whose float outputs hold NaN or infinity.
+
+    Non-finite scores cannot be trusted (nor written as JSON); a failed batch is
+    what the circuit breaker counts. Outputs declared ``allow_nonfinite`` pass.
+    """
+    assert mv.runtime is not None
+    predict = mv.runtime.predict
+    checked = tuple(
+        o.name for o in mv.signature.outputs if o.datatype in FLOAT_TYPES and not o.allow_nonfinite
+    )
+    if not checked:
+        return predict
+    name, version = mv.name, mv.version
+
+    def guarded(inputs: Mapping[str, np.ndarray]) -> Tensors:
+        outputs = predict(inputs)
+        for output in checked:
+            array = outputs.get(output)
+            if array is not None and not np.isfinite(array).all():
+                bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+                raise RuntimeFailure(
+                    f"model '{name}' version {version} produced {bad} non-finite "
+                    f"value(s) in output '{output}'"
+                )
+        return outputs
+
+    return guarded
 
 
 def _smoke_test(runtime: Runtime, signature: Signature) -> None:
@@ -309,11 +437,18 @@ def _smoke_test(runtime: Runtime, signature: Signature) -> None:
         raise SignatureMismatch(f"the model does not produce declared output(s) {missing}")
 
 
-async def _retire(entry: ModelEntry) -> None:
-    for mv in entry.versions.values():
+async def _retire(versions: Sequence[ModelVersion]) -> None:
+    """Stop each version taking requests, then let it finish what it queued and release it."""
+    dispatchers = []
+    for mv in versions:
+        if mv.state is VersionState.READY:
+            mv.state = VersionState.UNLOADING
         if mv.dispatcher is not None:
-            await mv.dispatcher.close()
-            mv.dispatcher = mv.cache = None
+            dispatchers.append(mv.dispatcher)
+        mv.dispatcher = mv.cache = None
+    for dispatcher in dispatchers:
+        await dispatcher.close()
+    for mv in versions:
         if mv.runtime is not None:
             mv.runtime.close()
             mv.runtime = None

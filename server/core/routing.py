@@ -7,8 +7,12 @@ Three questions are answered here and nowhere else:
 - which served version answers a request: an explicit version always wins;
   otherwise the canary for its weight (by routing key when the request has
   one, else at random), else the primary (the traffic document's, else the
-  highest ready version), else, when that is not ready, the highest ready
-  version as a fallback;
+  highest ready version). A version that is not ready or whose circuit
+  breaker is open (``server.core.breaker``) is passed over: the canary's
+  requests go to the primary, the primary's to its fallback (the document's
+  ``fallback``, else the highest other ready version that is neither canary
+  nor shadow), and an answer served that way is marked ``fallback``. With
+  nothing left, the request fails fast with 503 and ``Retry-After``;
 - which versions see a copy of it (shadows) or score it alongside (the
   primary next to a sampled share of the canary's requests).
 
@@ -43,7 +47,7 @@ class Reason(StrEnum):
     EXPLICIT = "explicit"  # /versions/{v} in the URL
     PRIMARY = "primary"  # the model's primary version
     CANARY = "canary"  # the canary's share of the traffic
-    FALLBACK = "fallback"  # the primary is not ready: the highest ready version
+    FALLBACK = "fallback"  # the version that should answer cannot: another one did
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +74,17 @@ class _Model:
     routes: dict[int, Route] = field(default_factory=dict)
     canary: Route | None = None
     weight: float = 0.0  # percent
-    fallback: Route | None = None
+    rescue: Route | None = None  # the primary, answering for a canary that cannot
+    fallbacks: tuple[Route, ...] = ()  # answering for the primary, in order of preference
     key_header: bytes | None = None  # lower-case header name, when a canary is set
+
+
+def _usable(mv: ModelVersion) -> bool:
+    """Ready, and its breaker lets this request through (a probe, when half-open)."""
+    if mv.state is not VersionState.READY:
+        return False
+    breaker = mv.breaker
+    return breaker is None or breaker.closed or breaker.admit()
 
 
 def bucket(key: str) -> int:
@@ -128,12 +141,17 @@ class Router:
         )
         model = _Model(entry, Route(chosen, Reason.PRIMARY, shadows) if chosen else None)
         model.routes = {v: Route(mv, Reason.EXPLICIT) for v, mv in versions.items()}
-        if highest is not None and highest is not chosen:
-            model.fallback = Route(highest, Reason.FALLBACK, shadows)
         canary = doc.canary
-        if canary is not None and canary.weight > 0 and int(canary.version) in versions and chosen:
+        canary_mv = versions.get(int(canary.version)) if canary is not None else None
+        if chosen is not None:
+            model.rescue = Route(chosen, Reason.FALLBACK, shadows)
+        model.fallbacks = tuple(
+            Route(mv, Reason.FALLBACK, shadows)
+            for mv in _fallbacks(doc, versions, ready, chosen, canary_mv)
+        )
+        if canary is not None and canary_mv is not None and canary.weight > 0 and chosen:
             pair = (Copy(chosen, doc.analysis.pair_sample),) if doc.analysis.pair_sample else ()
-            model.canary = Route(versions[int(canary.version)], Reason.CANARY, pair)
+            model.canary = Route(canary_mv, Reason.CANARY, pair)
             model.weight = canary.weight
             model.key_header = doc.routing_key_header.lower().encode("latin-1")
         self._models[entry.name] = model
@@ -162,21 +180,36 @@ class Router:
             mv = route.serving
             if mv.state is not VersionState.READY:
                 raise ModelNotReady(f"model '{name}' version {version} is not ready: {mv.reason}")
+            breaker = mv.breaker
+            if breaker is not None and not breaker.closed and not breaker.admit():
+                raise ModelNotReady(
+                    f"model '{name}' version {version} is failing (circuit breaker open: "
+                    f"{breaker.reason})",
+                    retry_after_s=breaker.retry_after_s(),
+                )
             return route
         canary = model.canary
+        diverted = False
         if canary is not None and canary.serving.state is VersionState.READY:
             if key is not None:
-                if bucket(key) < model.weight * (BUCKETS / 100):
+                taken = bucket(key) < model.weight * (BUCKETS / 100)
+            else:
+                taken = self._random() * 100 < model.weight
+            if taken:
+                if _usable(canary.serving):
                     return canary
-            elif self._random() * 100 < model.weight:
-                return canary
+                diverted = True
         primary = model.primary
-        if primary is not None and primary.serving.state is VersionState.READY:
-            return primary
-        fallback = model.fallback
-        if fallback is not None and fallback.serving.state is VersionState.READY:
-            return fallback
-        raise ModelNotReady(f"model '{name}' has no ready version: {model.entry.why()}")
+        if primary is not None and _usable(primary.serving):
+            return model.rescue if diverted and model.rescue is not None else primary
+        for route in model.fallbacks:
+            if _usable(route.serving):
+                return route
+        raise _no_version(name, model)
+
+    def primary(self, name: str) -> Route | None:
+        """The primary route of ``name`` (None while no version is ready)."""
+        return self._model(name).primary
 
     def _model(self, name: str) -> _Model:
         model = self._models.get(name)
@@ -201,8 +234,46 @@ class Router:
         model = self._model(name)
         if version is not None:
             return self._explicit(model, name, version).serving
-        for route in (model.primary, model.fallback):
+        for route in (model.primary, *model.fallbacks):
             if route is not None and route.serving.state is VersionState.READY:
                 return route.serving
         versions = model.entry.versions
         return versions[max(versions)] if versions else None
+
+
+def _fallbacks(
+    doc: TrafficDocument,
+    versions: dict[int, ModelVersion],
+    ready: list[ModelVersion],
+    primary: ModelVersion | None,
+    canary: ModelVersion | None,
+) -> list[ModelVersion]:
+    """Who answers for the primary, best first: the document's fallback, the highest other
+    ready version that is neither canary nor shadow, and last the canary itself."""
+    shadows = {int(s.version) for s in doc.shadows}
+    named = versions.get(int(doc.fallback)) if doc.fallback else None
+    order = [named] if named is not None and named is not primary else []
+    order += [
+        mv
+        for mv in reversed(ready)
+        if mv is not primary and mv is not canary and mv is not named and mv.version not in shadows
+    ]
+    if canary is not None and canary is not primary:
+        order.append(canary)
+    return order
+
+
+def _no_version(name: str, model: _Model) -> ModelNotReady:
+    """Every version that could answer is not ready or has its breaker open."""
+    versions = model.entry.versions.values()
+    broken = [mv for mv in versions if mv.breaker is not None and not mv.breaker.closed]
+    if broken and all(mv.state is not VersionState.READY or mv in broken for mv in versions):
+        wait = min(mv.breaker.retry_after_s() for mv in broken if mv.breaker is not None)
+        reasons = "; ".join(
+            f"version {mv.version}: {mv.breaker.reason}" for mv in broken if mv.breaker
+        )
+        return ModelNotReady(
+            f"model '{name}' has no working version (circuit breaker open: {reasons})",
+            retry_after_s=max(1.0, wait),
+        )
+    return ModelNotReady(f"model '{name}' has no ready version: {model.entry.why()}")

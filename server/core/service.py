@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from server.core.registry import ModelVersion
-from server.core.routing import Route
+from server.core.routing import Reason, Route
 from server.core.signature import TensorSpec, validate_inputs
 from server.errors import InvalidInput, ModelNotReady, ServingError
 
@@ -75,6 +75,8 @@ class InferenceService:
     async def infer(self, route: Route, request: InferenceRequest) -> InferenceResult:
         """Run one request; raises a ServingError subclass for anything the caller can fix."""
         mv = route.serving
+        if mv.dispatcher is None and mv.successor is not None:
+            mv = _successor(mv)  # reloaded since the request was routed
         started = time.perf_counter_ns()
         try:
             result = await self._infer(mv, request)
@@ -88,6 +90,8 @@ class InferenceService:
             raise
         mv.stats.record_request(True, time.perf_counter_ns() - started)
         result.reason = route.reason
+        if route.reason is Reason.FALLBACK:
+            mv.stats.fallback_count += 1
         for observer in self._observers:
             try:
                 observer.observe(mv, request, result)
@@ -113,6 +117,13 @@ class InferenceService:
                 array = array.astype(spec.numpy_dtype)
             selected[spec.name] = array
         return InferenceResult(mv.name, mv.version, selected, specs, request.id, mv.sha256)
+
+
+def _successor(mv: ModelVersion) -> ModelVersion:
+    """The version that replaced ``mv`` in a reload (the newest, after several)."""
+    while mv.dispatcher is None and mv.successor is not None:
+        mv = mv.successor
+    return mv
 
 
 def _requested_outputs(mv: ModelVersion, names: Sequence[str] | None) -> tuple[TensorSpec, ...]:

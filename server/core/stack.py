@@ -51,6 +51,16 @@ async def open_dataplane(
         threads=settings.inference_threads,
         shared_cache=store if settings.cache.backend == "redis" else None,
     )
+    registry.on_breaker(
+        lambda event: governance.audit_hook(
+            "system",
+            Action.BREAKER,
+            event.model,
+            event.version,
+            f"circuit breaker {event.state.value}: {event.reason}",
+            event.figures,
+        )
+    )
     try:
         await registry.load_all()
         failures: tuple[FailureObserver, ...] = ()

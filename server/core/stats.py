@@ -46,6 +46,7 @@ class VersionStats:
     cache_hit: Duration = field(default_factory=Duration)
     cache_miss: Duration = field(default_factory=Duration)
     failures_by_reason: dict[str, int] = field(default_factory=dict)
+    fallback_count: int = 0  # answers given for another version that could not answer
     batches: dict[int, BatchSizeStats] = field(default_factory=dict)
 
     def record_request(self, ok: bool, duration_ns: int, reason: str | None = None) -> None:

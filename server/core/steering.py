@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -167,7 +168,14 @@ class Steering:
         doc = self._router.traffic(name)
         if doc.canary is None:
             raise InvalidInput(f"model '{name}' has no canary to promote")
-        promoted = doc.model_copy(update={"primary": doc.canary.version, "canary": None})
+        # The old primary stays loaded and answers whenever the new one cannot.
+        old = doc.primary or self._primary_version(name)
+        fallback = old if old is not None and old != doc.canary.version else doc.fallback
+        if fallback == doc.canary.version:
+            fallback = None
+        promoted = doc.model_copy(
+            update={"primary": doc.canary.version, "canary": None, "fallback": fallback}
+        )
         why = reason or f"promoted by {actor}"
         await self._apply(name, promoted, Status(RolloutState.PROMOTED, -1, why))
         self._record(actor, "promote", name, int(doc.canary.version), why, figures or {})
@@ -195,10 +203,14 @@ class Steering:
         self._record(actor, "pause" if paused else "resume", name, None, status.reason, {})
         return self.view(name)
 
+    def _primary_version(self, name: str) -> str | None:
+        route = self._router.primary(name)
+        return str(route.serving.version) if route is not None else None
+
     def _check_versions(self, name: str, doc: TrafficDocument) -> None:
         entry = self._router.entry(name)
         roles = [("primary", doc.primary), ("canary", doc.canary.version if doc.canary else None)]
-        roles += [("shadow", s.version) for s in doc.shadows]
+        roles += [("fallback", doc.fallback)] + [("shadow", s.version) for s in doc.shadows]
         for role, version in roles:
             if version is None:
                 continue
@@ -214,7 +226,7 @@ class Steering:
                     f"model '{name}' traffic: {role} version {version} is not ready: {mv.reason}"
                 )
             if (
-                role != "shadow"
+                role in ("primary", "canary")
                 and self._approved is not None
                 and not self._approved(name, mv.version)
             ):
@@ -335,6 +347,12 @@ class Steering:
         verdict = self.rollout.judge(
             name, primary.version, int(canary.version), canary.weight, analysis
         )
+        served = self._registry.version((name, int(canary.version)))
+        breaker = served.breaker if served is not None else None
+        if breaker is not None and not breaker.closed:
+            # Its requests already go to the primary: a breach whatever the sample size.
+            why = f"circuit breaker open: {breaker.reason}"
+            verdict = dataclasses.replace(verdict, verdict="breach", reasons=(why,))
         status.last = verdict
         due = self._clock() - status.step_started >= analysis.interval_s
         figures = {"verdict": verdict.verdict, "reasons": list(verdict.reasons)}

@@ -70,11 +70,15 @@ class TrafficDocument(_Strict):
 
     primary: str | None = None  # None: the highest ready version
     canary: Canary | None = None
+    # Answers when the primary cannot (not ready, or its circuit breaker open). None:
+    # the highest other ready version that is neither the canary nor a shadow. A
+    # promotion sets it to the old primary.
+    fallback: str | None = None
     shadows: list[Shadow] = Field(default_factory=list)
     routing_key_header: str = Field(default="x-routing-key", min_length=1)
     analysis: Analysis = Field(default_factory=Analysis)
 
-    _check = field_validator("primary", mode="before")(
+    _check = field_validator("primary", "fallback", mode="before")(
         lambda value: None if value is None else _version(value)
     )
 
@@ -85,6 +89,8 @@ class TrafficDocument(_Strict):
             if self.canary.version == self.primary:
                 raise ValueError(f"version {self.primary} cannot be both primary and canary")
             taken.add(self.canary.version)
+        if self.fallback is not None and self.fallback in taken:
+            raise ValueError(f"fallback version {self.fallback} is also the primary or canary")
         seen: set[str] = set()
         for shadow in self.shadows:
             if shadow.version in taken:
@@ -95,7 +101,7 @@ class TrafficDocument(_Strict):
         return self
 
     def versions(self) -> set[int]:
-        named = [self.primary, *(s.version for s in self.shadows)]
+        named = [self.primary, self.fallback, *(s.version for s in self.shadows)]
         if self.canary is not None:
             named.append(self.canary.version)
         return {int(v) for v in named if v is not None}

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
 
 from server.core.batcher import BatchRecord
+from server.core.breaker import STATE_CODES
 from server.core.cache import CachedDispatcher
 from server.core.monitoring.drift import STATUS_CODES, Status
 from server.core.monitoring.histogram import HistogramFactory, HistogramSeries, LocalHistogram
@@ -78,6 +79,18 @@ class ServingMetrics:
                 "Requests refused with 503 because a queue was full",
                 self._rejected,
             ),
+            (
+                "ml.inference.fallbacks",
+                "{request}",
+                "Requests this version answered for another that could not (x-model-fallback)",
+                self._fallbacks,
+            ),
+            (
+                "ml.breaker.trips",
+                "{trip}",
+                "Times the version's circuit breaker opened",
+                self._trips,
+            ),
             ("ml.inference.count", "{row}", "Rows inferred", self._rows),
             ("ml.inference.exec.count", "{batch}", "Model executions", self._executions),
             ("ml.cache.lookups", "{row}", "Result cache lookups by result (rows)", self._cache),
@@ -118,6 +131,12 @@ class ServingMetrics:
                 name, callbacks=[callback], unit=unit, description=description
             )
         gauges: list[tuple[str, str, str, Callable[[CallbackOptions], Iterable[Observation]]]] = [
+            (
+                "ml.breaker.state",
+                "1",
+                "Circuit breaker per version: 0 closed, 1 half-open, 2 open",
+                self._breaker_state,
+            ),
             ("ml.cache.size", "By", "Bytes held by the result cache", self._cache_bytes),
             ("ml.cache.entries", "{row}", "Rows held by the result cache", self._cache_entries),
             (
@@ -193,6 +212,21 @@ class ServingMetrics:
         return [
             Observation(mv.stats.failures_by_reason.get("Overloaded", 0), a)
             for mv, a in self._versions()
+        ]
+
+    def _fallbacks(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(mv.stats.fallback_count, a) for mv, a in self._versions()]
+
+    def _trips(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(mv.breaker.trips, a) for mv, a in self._versions() if mv.breaker is not None
+        ]
+
+    def _breaker_state(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(STATE_CODES[mv.breaker.state], a)
+            for mv, a in self._versions()
+            if mv.breaker is not None
         ]
 
     def _rows(self, options: CallbackOptions) -> Iterable[Observation]:
