@@ -360,6 +360,11 @@ class ModelRegistry:
                 observer=observe,
                 tracing=tracing,
                 inline_rows=inline,
+                target_queue_delay_s=(
+                    batching.target_queue_delay_ms / 1000
+                    if batching.target_queue_delay_ms is not None
+                    else None
+                ),
             )
             batcher.start()
             return batcher
