@@ -269,6 +269,12 @@ class LimitSettings(BaseModel):
         ge=0,
         description="infer bodies at least this large are decoded off the event loop",
     )
+    max_body_bytes_in_flight: int | None = Field(
+        default=None,
+        ge=1024,
+        description="request body bytes held at once by all requests in progress (unset: "
+        "4 x max_request_bytes); a body that would pass it gets 503 with Retry-After",
+    )
 
 
 Redaction = Literal["keep", "hash", "drop"]
@@ -374,6 +380,23 @@ class Settings(BaseModel):
         if self.cache.backend == "redis" and self.redis.url is None:
             raise ValueError("cache.backend 'redis' needs redis.url")
         return self
+
+    @model_validator(mode="after")
+    def _one_body_fits_the_budget(self) -> Settings:
+        budget = self.limits.max_body_bytes_in_flight
+        if budget is not None and budget < self.max_request_bytes:
+            raise ValueError(
+                f"limits.max_body_bytes_in_flight ({budget}) is smaller than "
+                f"max_request_bytes ({self.max_request_bytes}): a body within the limit "
+                "could never be accepted"
+            )
+        return self
+
+    @property
+    def body_budget(self) -> int:
+        """Request body bytes all requests in progress may hold at once."""
+        budget = self.limits.max_body_bytes_in_flight
+        return budget if budget is not None else 4 * self.max_request_bytes
 
 
 class ConfigError(Exception):

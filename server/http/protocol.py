@@ -15,6 +15,10 @@ a hostile client:
   fewer while they take longer than ``target_latency_s`` in the server
   (``server.http.overload``), then a 503 with ``Retry-After`` before the app
   runs (health is exempt);
+- body bytes held by all requests in progress: at most ``body_budget``
+  (a flood of large bodies, each within the per-request limit, would
+  otherwise hold connections x limit bytes); the body that would pass it
+  gets a 503 with ``Retry-After`` and its connection is closed;
 - uvicorn's own 400 for unparseable requests is plain text: here it is the
   ``{"error": ...}`` body every other refusal has.
 
@@ -56,6 +60,7 @@ class ConnectionLimits:
     max_header_bytes: int
     retry_after_s: int = 1
     target_latency_s: float | None = 0.01  # None: a fixed limit
+    body_budget: int = 256 * 1024 * 1024
 
 
 def raw_response(status: int, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
@@ -108,6 +113,11 @@ class _Sweeper:
     ) -> None:
         self._connections = connections
         self._loop = loop
+        self.body_bytes = 0  # received and held by requests in progress, all connections
+        self.body_refusals = 0  # since the last sweep, which logs them
+        self._budget = limits.body_budget
+        # Bodies of connections lost while their app still ran: charged until it returns.
+        self._held: list[tuple[Any, int]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._ticker: asyncio.TimerHandle | None = None
         target = limits.target_latency_s
@@ -128,13 +138,35 @@ class _Sweeper:
         if self._connections:
             self._ticker = self._loop.call_later(TICK_S, self._tick)
 
+    def hold(self, cycle: Any, size: int) -> None:
+        """``size`` body bytes stay charged until ``cycle``'s app has returned."""
+        self._held.append((cycle, size))
+        self.ensure()
+
     def _sweep(self) -> None:
         self._timer = None
         now = time.monotonic()
         for connection in list(self._connections):
             if isinstance(connection, GuardedHttpProtocol):
                 connection.check_deadline(now)
-        if self._connections:
+        if self.body_refusals:
+            log.warning(
+                "refused %d request(s): the bodies of requests in progress would exceed "
+                "limits.max_body_bytes_in_flight (%d bytes)",
+                self.body_refusals,
+                self._budget,
+            )
+            self.body_refusals = 0
+        if self._held:
+            running = []
+            for cycle, size in self._held:
+                # uvicorn's run_asgi swaps on_response for a no-op once the app returned.
+                if getattr(cycle.on_response, "__self__", None) is None:
+                    self.body_bytes -= size
+                else:
+                    running.append((cycle, size))
+            self._held = running
+        if self._connections or self._held:
             self.ensure()
 
 
@@ -168,6 +200,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             b"retry-after: 1\r\n", b"retry-after: %d\r\n" % limits.retry_after_s
         )
         self._head_bytes = 0
+        self._body_bytes = 0  # of this connection's request in progress, in the budget
         self._parsed = 0  # header blocks and messages completed on this connection
         self._in_head = True  # reading a request line and headers (or waiting for one)
         self._deadline = 0.0  # 0: none; else monotonic time the current phase must end by
@@ -183,6 +216,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         self._start_phase("request headers", self.limits.header_timeout_s)
         self._sweeper.ensure()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._body_bytes:
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                # Its app may still hold the body (decoding, queued): charged until it returns.
+                self._sweeper.hold(cycle, self._body_bytes)
+                self._body_bytes = 0
+            else:
+                self._release_body()
+        _BASE.connection_lost(self, exc)
 
     def _evict_idle(self) -> bool:
         # A walk of the connections, only while the server is full.
@@ -201,6 +245,26 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         """
         cycle = self.cycle
         return self._in_head and (cycle is None or cycle.response_complete)
+
+    # -- graceful shutdown -------------------------------------------------------
+
+    @property
+    def between_requests(self) -> bool:
+        """Idle, and no byte of a next request parsed: what a stopping server may close."""
+        return self.idle and not self._head_bytes and not self.pipeline
+
+    def shutdown(self) -> None:
+        """The server stops (uvicorn calls this once per connection).
+
+        uvicorn's own closes every idle connection at once, resetting any request whose
+        bytes are on the wire or unread in the socket. Here the request being answered
+        says ``Connection: close`` if its head has not gone out yet; nothing is closed: a
+        connection ends after an answer that says so, or when the server's drain
+        (``server.http.draining``) finds it still between requests a while later.
+        """
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started:
+            cycle.keep_alive = False
 
     # -- phases and their deadlines --------------------------------------------
 
@@ -297,6 +361,35 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         finally:
             self.app = app
 
+    def on_body(self, body: bytes) -> None:
+        if not self.cycle.response_complete:  # else dropped by the base class: not held
+            size = len(body)
+            self._body_bytes += size
+            sweeper = self._sweeper
+            sweeper.body_bytes += size
+            if sweeper.body_bytes > self.limits.body_budget:
+                self._over_budget()
+                return
+        _BASE.on_body(self, body)
+
+    def _over_budget(self) -> None:
+        self._sweeper.body_refusals += 1
+        self._release_body()
+        if self.cycle.response_started:
+            self.transport.close()  # an answer is under way: nothing more can be said
+            return
+        self._refuse(
+            503,
+            "the server holds too many request bodies; retry shortly",
+            ((b"retry-after", str(self.limits.retry_after_s).encode()),),
+        )
+
+    def _release_body(self) -> None:
+        held = self._body_bytes
+        if held:
+            self._body_bytes = 0
+            self._sweeper.body_bytes -= held
+
     def on_message_complete(self) -> None:
         self._parsed += 1
         self._in_head = True
@@ -312,6 +405,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             )
 
     def on_response_complete(self) -> None:
+        if self._body_bytes:
+            self._release_body()
         started = self._started
         if started:
             self._started = 0.0

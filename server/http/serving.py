@@ -50,6 +50,7 @@ def connection_limits(settings: Settings) -> ConnectionLimits:
         target_latency_s=(
             limits.target_latency_ms / 1000 if limits.target_latency_ms is not None else None
         ),
+        body_budget=settings.body_budget,
     )
 
 

@@ -16,6 +16,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from server.config import Settings
+from server.core.monitoring.feedback import MAX_VALUES_PER_CALL, parse_labels
+from server.errors import InvalidInput
 from server.http.app import create_app
 
 LIMIT = 1024 * 1024
@@ -221,3 +223,37 @@ def test_a_generous_deadline_header_is_served(client: TestClient) -> None:
 def test_the_envoy_deadline_header_is_honoured(client: TestClient) -> None:
     late = client.post(INFER, content=infer(), headers={"x-envoy-expected-rq-timeout-ms": "1e-9"})
     refused(late, 504, "passed before compute")
+
+
+FEEDBACK = "/v2/models/tree/feedback"
+
+
+@pytest.mark.parametrize(
+    ("doc", "words"),
+    [
+        ({"id": "i" * 300, "label": 1}, ("feedback: 'id' has 300 characters", "at most 256")),
+        (
+            {"labels": [{"id": "a", "label": 1}, {"id": "i" * 1_000_000, "label": 0}]},
+            ("labels[1]: 'id' has 1000000 characters",),
+        ),
+        (
+            {"labels": [{"id": f"r{i}", "label": 1} for i in range(10_001)]},
+            ("10001 labels", "at most 10000 per call"),
+        ),
+    ],
+    ids=["long-id", "megabyte-id-in-a-list", "too-many-labels"],
+)
+def test_absurd_feedback_is_400_naming_the_field(
+    client: TestClient, doc: dict[str, Any], words: tuple[str, ...]
+) -> None:
+    answer = client.post(FEEDBACK, content=orjson.dumps(doc))
+    refused(answer, 400, *words)
+    assert len(answer.text) < 300, "the id is not echoed back"
+
+
+def test_feedback_values_are_bounded_per_call() -> None:
+    one = [0] * (MAX_VALUES_PER_CALL // 2 + 1)
+    with pytest.raises(InvalidInput, match=r"labels\[0\.\.1\] hold 1000002 values"):
+        parse_labels({"labels": [{"id": "a", "label": one}, {"id": "b", "label": one}]})
+    with pytest.raises(InvalidInput, match=r"feedback: 'label' has 1000001 values"):
+        parse_labels({"id": "a", "label": [0] * (MAX_VALUES_PER_CALL + 1)})

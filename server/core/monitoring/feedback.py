@@ -18,6 +18,10 @@ import numpy as np
 from server.errors import InvalidInput
 
 MAX_LABELS_PER_CALL = 10_000
+# The same bound as an infer request's id (an id longer than this never had a prediction):
+# unmatched ids are echoed in the answer, so they must stay small.
+MAX_ID_CHARS = 256
+MAX_VALUES_PER_CALL = 1_000_000  # label values, all labels together (8 MB as float64)
 
 VersionKey = tuple[str, int]
 
@@ -243,7 +247,17 @@ def parse_labels(doc: Any) -> list[Label]:
             raise InvalidInput(
                 f"feedback has {len(items)} labels; send at most {MAX_LABELS_PER_CALL} per call"
             )
-        return [_label(item, f"labels[{i}]") for i, item in enumerate(items)]
+        labels, values = [], 0
+        for i, item in enumerate(items):
+            label = _label(item, f"labels[{i}]")
+            values += len(label.values)
+            if values > MAX_VALUES_PER_CALL:
+                raise InvalidInput(
+                    f"feedback labels[0..{i}] hold {values} values; send at most "
+                    f"{MAX_VALUES_PER_CALL} per call"
+                )
+            labels.append(label)
+        return labels
     return [_label(doc, "feedback")]
 
 
@@ -253,10 +267,18 @@ def _label(item: Any, where: str) -> Label:
     request_id = item.get("id", item.get("request_id"))
     if not isinstance(request_id, str) or not request_id:
         raise InvalidInput(f"{where}: 'id' must be the non-empty request id of a prediction")
+    if len(request_id) > MAX_ID_CHARS:
+        raise InvalidInput(
+            f"{where}: 'id' has {len(request_id)} characters; at most {MAX_ID_CHARS} are allowed"
+        )
     if "label" not in item:
         raise InvalidInput(f"{where}: 'label' is missing")
     raw = item["label"]
     values = raw if isinstance(raw, list) else [raw]
+    if len(values) > MAX_VALUES_PER_CALL:
+        raise InvalidInput(
+            f"{where}: 'label' has {len(values)} values; at most {MAX_VALUES_PER_CALL} per call"
+        )
     if not values or not all(_is_number(v) for v in values):
         raise InvalidInput(f"{where}: 'label' must be a finite number or a list of them")
     return Label(request_id, np.asarray(values, dtype=np.float64))
