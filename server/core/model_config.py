@@ -100,6 +100,14 @@ class BreakerConfig(_Strict):
     max_cooldown_s: float = Field(default=60.0, gt=0, le=86_400)
     probes: int = Field(default=5, ge=1, le=1000)
 
+    @model_validator(mode="after")
+    def _cooldowns(self) -> Self:
+        if self.cooldown_s > self.max_cooldown_s:
+            raise ValueError(
+                f"cooldown_s {self.cooldown_s:g} exceeds max_cooldown_s {self.max_cooldown_s:g}"
+            )
+        return self
+
 
 class VersionPolicy(_Strict):
     """Which version folders are served: exactly one of the three forms."""
