@@ -63,7 +63,8 @@ def test_a_nan_canary_trips_its_breaker_and_the_primary_answers_for_it(
             answered_by[(version, response.headers.get("x-model-fallback", ""))] += 1
         else:
             error = response.json()["error"]
-            assert "non-finite" in error and "output 'probability'" in error, error
+            assert "non-finite" in error, error
+            assert "output 'probability'" in error, error
     # Sequential requests: exactly min_calls failures open it, none after.
     assert statuses[500] == BREAKER["min_calls"], statuses
     assert statuses[200] == 200 - BREAKER["min_calls"]
