@@ -81,3 +81,7 @@ class RuntimeFactory(Protocol):
 
 class SignatureMismatch(Exception):
     """The artifact's own metadata disagrees with the model.yaml signature."""
+
+
+class CompileError(Exception):
+    """A booster could not be turned into compiled trees (the reason is the message)."""

@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 import xgboost as xgb
 
+from server.core.runtimes.base import CompileError
 from server.errors import RuntimeFailure
 
 # onnxmltools emits TreeEnsemble from ai.onnx.ml; it supports target opsets up to 15.
@@ -32,10 +33,6 @@ OUTPUTS: dict[str, tuple[str, int | None]] = {
     "reg:squarederror": ("variable", 0),
     "reg:absoluteerror": ("variable", 0),
 }
-
-
-class CompileError(Exception):
-    """The booster could not be turned into compiled trees (the reason is the message)."""
 
 
 class CompiledTrees:

@@ -26,15 +26,25 @@ import time
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from server.core.runtimes.base import Executors, ExecutorTiming, Runtime, SignatureMismatch
-from server.core.runtimes.compiled import CompiledTrees, CompileError
+from server.core.runtimes.base import (
+    CompileError,
+    Executors,
+    ExecutorTiming,
+    Runtime,
+    SignatureMismatch,
+)
 from server.core.runtimes.parity import largest_difference, parity_rows
-from server.core.runtimes.xgboost import XGBoostRuntime
 from server.core.signature import Signature
+
+if TYPE_CHECKING:
+    # Imported when a version loads: the constants above are read without XGBoost, and
+    # ``executor: xgboost`` never imports ONNX Runtime or onnxmltools.
+    from server.core.runtimes.compiled import CompiledTrees
+    from server.core.runtimes.xgboost import XGBoostRuntime
 
 log = logging.getLogger("sluice.runtime.hybrid")
 
@@ -81,6 +91,8 @@ class HybridRuntime:
 
 def load_xgboost(artifact: Path, signature: Signature, options: Mapping[str, Any]) -> Runtime:
     """The XGBoost runtime factory: XGBoost, plus compiled trees when they pay and agree."""
+    from server.core.runtimes.xgboost import XGBoostRuntime
+
     mode, tolerance, rest = _executor_options(options)
     xgboost = XGBoostRuntime(artifact, signature, rest)
     where = f"{artifact.parent.parent.name} v{artifact.parent.name}"
@@ -158,6 +170,8 @@ def _compile(
         raise CompileError(
             "the compiled trees answer probabilities, not runtime_options.output margin"
         )
+    from server.core.runtimes.compiled import CompiledTrees
+
     compiled = CompiledTrees.convert(
         xgboost.booster, xgboost.input_name, xgboost.output_name, xgboost.dtype
     )

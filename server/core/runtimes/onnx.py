@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from server.core.runtimes import ONNX_PLATFORMS as PLATFORMS
 from server.core.runtimes.base import Executors, SignatureMismatch
 from server.core.signature import Datatype, Signature, TensorSpec
 from server.errors import RuntimeFailure
@@ -37,9 +38,6 @@ GRAPH_OPTIMIZATION = {
 }
 
 _OPTIONS = {"intra_op_threads", "inter_op_threads", "graph_optimization"}
-
-# Artifact file name -> the platform string V2 metadata and Triton's config report.
-PLATFORMS = {"model.onnx": "onnxruntime_onnx"}
 
 
 class OnnxRuntime:

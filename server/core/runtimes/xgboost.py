@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import xgboost as xgb
 
+from server.core.runtimes import XGBOOST_PLATFORMS as PLATFORMS
 from server.core.runtimes.base import Executors, SignatureMismatch
 from server.core.signature import Datatype, Signature
 from server.errors import RuntimeFailure
@@ -24,10 +25,6 @@ log = logging.getLogger("sluice.runtime.xgboost")
 class XGBoostOutput(StrEnum):
     PROBABILITY = "probability"
     MARGIN = "margin"
-
-
-# Artifact file name -> the platform string V2 metadata and Triton's config report.
-PLATFORMS = {"model.ubj": "xgboost_ubj", "model.json": "xgboost_json"}
 
 
 class XGBoostRuntime:
