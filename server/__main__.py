@@ -116,40 +116,40 @@ def serve_workers(args: argparse.Namespace, argv: list[str] | None, settings: Se
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if not _repository_found(settings):
+        return EXIT_USAGE
+    _warn_exposure(settings)  # once, here: the workers do not repeat it
     forwarded = workers.without_workers_flag(sys.argv[1:] if argv is None else argv)
     return workers.supervise(forwarded, settings, count, args.inference_threads is not None)
 
 
 def serve(settings: Settings) -> int:
-    import uvicorn
-
-    from server.http.app import create_app
-
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if not settings.model_repository.is_dir():
-        print(
-            f"sluice: error: model repository {settings.model_repository} is not a directory",
-            file=sys.stderr,
-        )
+    if not _repository_found(settings):
         return EXIT_USAGE
-    from server.http.serving import exposure_warnings, uvicorn_options
+    from server.http import serving
 
-    app = create_app(settings)
+    _warn_exposure(settings)
+    return serving.run(settings)
+
+
+def _repository_found(settings: Settings) -> bool:
+    if settings.model_repository.is_dir():
+        return True
+    print(
+        f"sluice: error: model repository {settings.model_repository} is not a directory",
+        file=sys.stderr,
+    )
+    return False
+
+
+def _warn_exposure(settings: Settings) -> None:
+    from server.http.serving import exposure_warnings
+
     for warning in exposure_warnings(settings):
         logging.getLogger("sluice.security").warning(warning)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        log_level=settings.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
-        **uvicorn_options(settings),
-    )
-    return 0
 
 
 def list_models(settings: Settings, as_json: bool) -> int:

@@ -186,22 +186,15 @@ def _with_instance(attributes: str, instance: str) -> str:
 
 
 def serve_worker(settings: Settings, index: int) -> int:
-    """One worker: ``sluice serve`` on a socket bound with SO_REUSEPORT."""
-    import uvicorn
+    """One worker: ``sluice serve`` on a socket bound with SO_REUSEPORT.
 
-    from server.http.app import create_app
+    It serves exactly as the single process does (``server.http.serving.run``): the
+    guarded protocol and its limits, the timeouts, TLS and the drain at shutdown.
+    """
+    from server.http import serving
 
     logging.basicConfig(
         level=settings.log_level.upper(),
         format=f"%(asctime)s %(levelname)s %(name)s [worker {index}]: %(message)s",
     )
-    config = uvicorn.Config(
-        create_app(settings),
-        loop="uvloop",
-        http="httptools",
-        log_level=settings.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
-    )
-    uvicorn.Server(config).run(sockets=[reuseport_socket(settings.host, settings.port)])
-    return 0
+    return serving.run(settings, sockets=[reuseport_socket(settings.host, settings.port)])

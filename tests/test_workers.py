@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
+import logging
 import os
 import signal
-import subprocess
-import sys
+import socket
+import ssl
 import threading
 import time
 from collections import Counter
@@ -13,12 +16,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
-from conftest import free_port
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as PromCounter
 from prometheus_client.parser import text_string_to_metric_families
+from workers_support import Workers, scrape, start_workers
 
+from server.__main__ import main
 from server.fleet_metrics import LABEL, FleetMetrics
 from server.workers import resolve_workers, without_workers_flag
 
@@ -37,50 +46,6 @@ BODY = {
 }
 
 
-class Workers:
-    def __init__(self, process: subprocess.Popen[bytes], port: int, log: Path) -> None:
-        self.process = process
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = log
-
-
-def start_workers(repo: Path, log: Path, count: int) -> Workers:
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "server", "serve", "--model-repository", str(repo)),
-            *("--port", str(port), "--workers", str(count)),
-        ],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    workers = Workers(process, port, log)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited early:\n{log.read_text()}")
-        # Ready once a scrape sees every worker (each loads its own models).
-        try:
-            if scraped_workers(workers) == count:
-                return workers
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)  # polling a readiness condition, bounded by the deadline
-    process.kill()
-    raise RuntimeError(f"workers not ready in 90 s:\n{log.read_text()}")
-
-
-def scrape(workers: Workers) -> str:
-    return httpx.get(f"{workers.url}/metrics", timeout=5).text
-
-
-def scraped_workers(workers: Workers) -> int:
-    for family in text_string_to_metric_families(scrape(workers)):
-        if family.name == "sluice_fleet_workers_scraped":
-            return int(family.samples[0].value)
-    return 0
-
-
 def answered(workers: Workers) -> Counter[str]:
     """Successful fraud requests per worker, from one scrape."""
     counts: Counter[str] = Counter()
@@ -96,9 +61,7 @@ def answered(workers: Workers) -> Counter[str]:
 def two(example_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
     workers = start_workers(example_repo, tmp_path_factory.mktemp("workers") / "log", 2)
     yield workers
-    if workers.process.poll() is None:
-        workers.process.kill()
-        workers.process.wait()
+    workers.stop()
 
 
 def test_two_workers_answer_on_one_port_and_the_metrics_count_both(two: Workers) -> None:
@@ -126,7 +89,7 @@ def test_sigterm_drains_every_worker(two: Workers) -> None:
             while not stop.is_set():
                 try:
                     statuses[client.post("/v2/models/fraud/infer", json=BODY).status_code] += 1
-                except httpx.TransportError:
+                except httpx.ConnectError:
                     return  # the server stopped accepting: expected once SIGTERM is in
 
     threads = [threading.Thread(target=client_loop) for _ in range(8)]
@@ -146,6 +109,102 @@ def test_sigterm_drains_every_worker(two: Workers) -> None:
     assert log.count("Application shutdown complete") == 2, log[-3000:]
     assert log.count("Finished server process") == 2
     assert set(statuses) == {200}, statuses
+
+
+def _self_signed(root: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sluice-worker-test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = root / "server.pem", root / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def _tls_exchange(port: int, request: bytes) -> tuple[bytes, bytes]:
+    """One request on a new TLS connection: the server's certificate (DER) and its answer."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the certificate is compared below instead
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=30) as raw,
+        context.wrap_socket(raw) as sock,
+    ):
+        certificate = sock.getpeercert(binary_form=True)
+        assert certificate is not None
+        sock.sendall(request)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except (ssl.SSLError, ConnectionResetError):
+            pass  # a close after the answer, without a TLS close_notify
+    return certificate, answer
+
+
+def test_every_worker_serves_with_the_single_process_protocol_and_tls(
+    tiny_repo: Path, tmp_path: Path
+) -> None:
+    cert, key = _self_signed(tmp_path)
+    expected = x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(
+        serialization.Encoding.DER
+    )
+    workers = start_workers(
+        tiny_repo,
+        tmp_path / "log",
+        2,
+        *("--ssl-certfile", str(cert), "--ssl-keyfile", str(key)),
+        env={"SLUICE_LIMITS__MAX_HEADER_BYTES": "8192"},
+        scheme="https",
+    )
+    try:
+        # New connections, so the kernel hands them to both workers (16 all to one worker:
+        # one chance in 2**15).
+        for _ in range(8):
+            huge = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 65536
+            certificate, answer = _tls_exchange(workers.port, huge + b"\r\n\r\n")
+            assert certificate == expected
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 431"), head
+            assert orjson.loads(body) == {"error": "request line and headers exceed 8192 bytes"}
+            _, answer = _tls_exchange(workers.port, b"NOT HTTP\r\n\r\n")
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400"), head
+            assert orjson.loads(body) == {"error": "the request is not valid HTTP/1.1"}
+    finally:
+        workers.stop()
+
+
+def test_the_supervisor_warns_once_about_a_public_bind_without_keys(
+    tiny_repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Port 0 makes the supervisor refuse before it binds or starts anything.
+    argv = ["serve", "--model-repository", str(tiny_repo), "--host", "0.0.0.0"]
+    with caplog.at_level(logging.WARNING, logger="sluice.security"):
+        assert main([*argv, "--port", "0", "--workers", "2"]) == 2
+    warnings = [r.getMessage() for r in caplog.records if r.name == "sluice.security"]
+    assert len(warnings) == 1
+    assert "WITHOUT API KEYS" in warnings[0]
 
 
 def test_workers_auto_is_the_affinity_mask_and_bad_values_are_refused() -> None:

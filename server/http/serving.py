@@ -1,4 +1,5 @@
-"""How ``sluice serve`` runs uvicorn: the guarded protocol, timeouts, TLS, start-up warnings."""
+"""How ``sluice serve`` runs uvicorn: the guarded protocol, timeouts, TLS, the drain,
+start-up warnings. One process or ``--workers N``, the same ``run``."""
 
 from __future__ import annotations
 
@@ -6,11 +7,16 @@ import ipaddress
 import logging
 import math
 import resource
+import socket
 import ssl
 from functools import partial
 from typing import Any
 
+from uvicorn.config import STARTUP_FAILURE, Config
+
 from server.config import Settings
+from server.http.app import create_app
+from server.http.draining import DrainingServer
 from server.http.protocol import ConnectionLimits, GuardedHttpProtocol
 
 log = logging.getLogger("sluice.http")
@@ -69,6 +75,28 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         options["ssl_ca_certs"] = str(security.tls_ca_certs)
         options["ssl_cert_reqs"] = ssl.CERT_REQUIRED
     return options
+
+
+def run(settings: Settings, sockets: list[socket.socket] | None = None) -> int:
+    """Serve the app until SIGTERM or SIGINT: how every ``sluice serve`` process runs.
+
+    The single process binds ``settings.host:port`` here; a ``--workers`` worker passes
+    its ``SO_REUSEPORT`` socket. Either way the same protocol, limits, timeouts, TLS and
+    drain. Returns the exit code: 0, or uvicorn's start-up failure.
+    """
+    config = Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+        **uvicorn_options(settings),
+    )
+    server = DrainingServer(config)
+    server.run(sockets=sockets)
+    return 0 if server.started else STARTUP_FAILURE
 
 
 def exposure_warnings(settings: Settings) -> list[str]:
