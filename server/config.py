@@ -357,6 +357,13 @@ class Settings(BaseModel):
     repository_control: bool = Field(
         default=True, description="allow /v2/repository load and unload calls"
     )
+    repository_poll_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=86_400,
+        description="poll the repository every N seconds and load, reload or unload what "
+        "changed on disk (unset: read at start and on /v2/repository calls only)",
+    )
     strict_readiness: bool = Field(
         default=False, description="server ready only when every model version is ready"
     )

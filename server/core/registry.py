@@ -13,6 +13,7 @@ successor (``ModelVersion.successor``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -130,6 +131,9 @@ class ModelRegistry:
         self._tracer = tracer
         self._shared_cache = shared_cache
         self._breaker_listeners: list[BreakerListener] = []
+        # Once start-up loading is done the process serves: later loads keep their
+        # pure-Python work (tree conversion) in a child process.
+        self._serving = False
         self._models: dict[str, ModelEntry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -144,6 +148,7 @@ class ModelRegistry:
     async def load_all(self) -> None:
         """Load every model found in the repository, concurrently."""
         await asyncio.gather(*(self.load(name) for name in self.repository.names()))
+        self._serving = True
 
     async def load(self, name: str) -> ModelEntry:
         """Load (or reload) a model; raises ModelNotFound if it is not in the repository.
@@ -275,7 +280,7 @@ class ModelRegistry:
             ):
                 current.source = mv.source  # the same artifact; its card may have changed
                 return current
-            factory = RUNTIMES[mv.source.runtime]
+            factory = functools.partial(RUNTIMES[mv.source.runtime], isolated=self._serving)
             mv.runtime = await loop.run_in_executor(
                 self._loader, factory, mv.source.artifact, mv.signature, config.runtime_options
             )
@@ -391,9 +396,17 @@ def _keep_serving(current: ModelEntry, entry: ModelEntry) -> ModelEntry:
         if mv.state is not VersionState.READY and v in serving:
             failed.append(f"version {v}: {mv.reason}")
             entry.versions[v] = serving[v]
-    entry.reload_error = (
-        f"reload failed, the loaded artifact keeps serving: {'; '.join(failed)}" if failed else ""
-    )
+    if failed:
+        entry.reload_error = (
+            f"reload failed, the loaded artifact keeps serving: {'; '.join(failed)}"
+        )
+    elif not entry.ready_versions():
+        # The policy now selects only versions that failed (a broken new ``latest``): the
+        # ones serving stay until a version that works replaces them.
+        failed = [f"version {v}: {mv.reason}" for v, mv in sorted(entry.versions.items())]
+        entry.versions = {**serving, **entry.versions}
+        kept = ", ".join(str(v) for v in sorted(serving))
+        entry.reload_error = f"{'; '.join(failed)}; version(s) {kept} keep serving"
     return entry
 
 

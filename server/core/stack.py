@@ -21,6 +21,7 @@ from server.core.routing import Router
 from server.core.service import FailureObserver, InferenceService, Observer
 from server.core.steering import Steering, TrafficStates
 from server.core.store import SharedStore
+from server.core.watcher import RepositoryWatcher
 
 
 @asynccontextmanager
@@ -77,14 +78,7 @@ async def open_dataplane(
                 monitoring.worker.share(store, registry.version)
             monitoring.start(registry, store)
             observers = (*observers, *monitoring.observers)
-        steering = Steering(
-            registry,
-            TrafficStates(settings.model_repository, store),
-            audit=governance.audit_hook,
-            approved=governance.approval_check(registry) if governance.require_approval else None,
-        )
-        await steering.start()
-        try:
+        async with _control_loops(settings, registry, store, governance) as steering:
             yield DataPlane(
                 registry,
                 InferenceService(observers, failures),
@@ -94,8 +88,6 @@ async def open_dataplane(
                 governance=governance,
                 steering=steering,
             )
-        finally:
-            await steering.close()
     finally:
         if governance.audit is not None:
             for entry in registry.models.values():
@@ -110,3 +102,31 @@ async def open_dataplane(
         if store is not None:
             await store.close()
         executor.shutdown(wait=True)
+
+
+@asynccontextmanager
+async def _control_loops(
+    settings: Settings,
+    registry: ModelRegistry,
+    store: SharedStore | None,
+    governance: Governance,
+) -> AsyncIterator[Steering]:
+    """The traffic steering (analysis, documents from other processes) and, when
+    ``repository_poll_s`` is set, the repository watcher; both stopped on exit."""
+    steering = Steering(
+        registry,
+        TrafficStates(settings.model_repository, store),
+        audit=governance.audit_hook,
+        approved=governance.approval_check(registry) if governance.require_approval else None,
+    )
+    await steering.start()
+    watcher = None
+    if settings.repository_poll_s is not None:
+        watcher = RepositoryWatcher(registry, settings.repository_poll_s, governance.audit)
+        await watcher.start()
+    try:
+        yield steering
+    finally:
+        if watcher is not None:
+            await watcher.close()
+        await steering.close()

@@ -162,6 +162,8 @@ class AuditLog:
 
     def record_entry(self, action: Action, entry: ModelEntry, *, actor: str, reason: str) -> None:
         """One record per version of a model just loaded or unloaded, with its state."""
+        if action is Action.LOAD and entry.reload_error:
+            reason = f"{reason}: {entry.reload_error}"
         if not entry.versions:
             self.record(action, entry.name, actor=actor, reason=entry.error or reason)
         for number, mv in sorted(entry.versions.items()):

@@ -47,11 +47,15 @@ class DeferredFactory:
             return self._factory
 
     def __call__(
-        self, artifact: Path, signature: Signature, options: Mapping[str, Any], **flags: Any
+        self,
+        artifact: Path,
+        signature: Signature,
+        options: Mapping[str, Any],
+        *,
+        isolated: bool = False,
     ) -> Runtime:
-        """Load through the factory; keyword flags are passed on as given."""
         factory = self._factory or self.resolve()
-        return factory(artifact, signature, options, **flags)
+        return factory(artifact, signature, options, isolated=isolated)
 
 
 RUNTIMES: dict[RuntimeKind, DeferredFactory] = {

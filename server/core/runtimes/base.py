@@ -75,8 +75,16 @@ class RuntimeFactory(Protocol):
     """Loads an artifact, checks it against the declared signature, returns a Runtime."""
 
     def __call__(
-        self, artifact: Path, signature: Signature, options: Mapping[str, Any]
-    ) -> Runtime: ...
+        self,
+        artifact: Path,
+        signature: Signature,
+        options: Mapping[str, Any],
+        *,
+        isolated: bool = False,
+    ) -> Runtime:
+        """``isolated``: the process is serving; keep pure-Python loading work (a tree
+        conversion) out of it, so its event loop never waits for the GIL."""
+        ...
 
 
 class SignatureMismatch(Exception):

@@ -89,8 +89,13 @@ class HybridRuntime:
         self._xgboost.close()
 
 
-def load_xgboost(artifact: Path, signature: Signature, options: Mapping[str, Any]) -> Runtime:
-    """The XGBoost runtime factory: XGBoost, plus compiled trees when they pay and agree."""
+def load_xgboost(
+    artifact: Path, signature: Signature, options: Mapping[str, Any], *, isolated: bool = False
+) -> Runtime:
+    """The XGBoost runtime factory: XGBoost, plus compiled trees when they pay and agree.
+
+    ``isolated``: convert in a child process (see ``CompiledTrees.convert``).
+    """
     from server.core.runtimes.xgboost import XGBoostRuntime
 
     mode, tolerance, rest = _executor_options(options)
@@ -100,7 +105,7 @@ def load_xgboost(artifact: Path, signature: Signature, options: Mapping[str, Any
         xgboost.executors = Executors(("xgboost",), mode=mode.value)
         return xgboost
     try:
-        compiled, parity, checked = _compile(xgboost, artifact, signature, tolerance)
+        compiled, parity, checked = _compile(xgboost, artifact, signature, tolerance, isolated)
     except CompileError as exc:
         if mode is ExecutorMode.COMPILED:
             xgboost.close()
@@ -164,7 +169,11 @@ def _executor_options(options: Mapping[str, Any]) -> tuple[ExecutorMode, float, 
 
 
 def _compile(
-    xgboost: XGBoostRuntime, artifact: Path, signature: Signature, tolerance: float
+    xgboost: XGBoostRuntime,
+    artifact: Path,
+    signature: Signature,
+    tolerance: float,
+    isolated: bool = False,
 ) -> tuple[CompiledTrees, float, np.ndarray]:
     if xgboost.margin:
         raise CompileError(
@@ -173,7 +182,11 @@ def _compile(
     from server.core.runtimes.compiled import CompiledTrees
 
     compiled = CompiledTrees.convert(
-        xgboost.booster, xgboost.input_name, xgboost.output_name, xgboost.dtype
+        xgboost.booster,
+        xgboost.input_name,
+        xgboost.output_name,
+        xgboost.dtype,
+        isolated_from=artifact if isolated else None,
     )
     try:
         rows = parity_rows(artifact.parent, signature.inputs[0], compiled.thresholds())

@@ -47,7 +47,14 @@ class OnnxRuntime:
     # Already a graph for ONNX Runtime (trees included): nothing to compile, one executor.
     executors = Executors(("onnxruntime",))
 
-    def __init__(self, artifact: Path, signature: Signature, options: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        artifact: Path,
+        signature: Signature,
+        options: Mapping[str, Any],
+        *,
+        isolated: bool = False,  # nothing to isolate: an ONNX session loads in C++
+    ) -> None:
         unknown = set(options) - _OPTIONS
         if unknown:
             raise SignatureMismatch(f"unknown onnx runtime option(s): {sorted(unknown)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import re
 import threading
 from collections.abc import Mapping
 from enum import StrEnum
@@ -48,7 +49,9 @@ class XGBoostRuntime:
             self._booster = xgb.Booster(model_file=str(artifact))
             self._booster.set_param({"nthread": int(options.get("threads", 1))})
         except xgb.core.XGBoostError as exc:
-            raise SignatureMismatch(f"cannot load XGBoost model {artifact.name}: {exc}") from exc
+            raise SignatureMismatch(
+                f"cannot load XGBoost model {artifact.name}: {xgboost_message(exc)}"
+            ) from exc
         self.platform = PLATFORMS.get(artifact.name, self.platform)
         self._check(signature)
         self.input_name = signature.inputs[0].name
@@ -213,3 +216,9 @@ class _DensePredictor:
             for proxy in self._proxies:
                 self._lib.XGDMatrixFree(proxy)
             self._proxies.clear()
+
+
+def xgboost_message(exc: Exception) -> str:
+    """XGBoost's own reason, without its time stamp, source location and stack dump."""
+    lines = str(exc).split("Stack trace:")[0].strip().splitlines()
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", lines[0]) if lines else type(exc).__name__
