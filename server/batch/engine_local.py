@@ -1,14 +1,20 @@
 """The local engine: read, convert, infer and write as a pipeline on one machine.
 
-One thread reads and converts chunks in order, the service's inference pool
-scores several chunks at once, and one thread writes them back in order and
-records each completed chunk in the manifest. At most ``depth`` chunks are
-alive at any time, so memory does not grow with the file.
+Three stages overlap, each in order: one thread reads and converts the next
+chunks, the service's inference pool scores them, and one thread writes the
+scored chunks back and records each completed chunk in the manifest. A chunk
+is scored as one request per inference thread (slices of at least
+``MIN_SLICE_ROWS`` rows, put back together in order), so every chunk,
+the first and the last included, uses the whole pool: a run's first rows are
+out after one chunk's time on all threads, and no thread idles while the last
+chunk finishes. At most ``depth`` chunks wait between the reader and the
+writer, so memory does not grow with the file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -17,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from server.batch.errors import BadRowError, BatchError
 from server.batch.features import BadRow, Converted, ScoringPlan, convert, output_batch
@@ -33,6 +38,11 @@ from server.core.service import InferenceRequest
 
 log = logging.getLogger("sluice.batch")
 
+# A predict call costs ~0.1 ms whatever its size; 4,096 rows of fraud take ~9 ms on one
+# thread, so a slice this large loses about 1 % to it. No slice is ever a lone row
+# (ONNX Runtime computes one row with another kernel than a batch).
+MIN_SLICE_ROWS = 4096
+
 
 @dataclass(slots=True)
 class Prepared:
@@ -45,11 +55,17 @@ class Prepared:
 
 @dataclass(slots=True)
 class Scored:
-    """A chunk with its output columns, waiting to be written."""
+    """A chunk with its model outputs, waiting to be written."""
 
     prepared: Prepared
-    output: pa.RecordBatch | None
     outputs: dict[str, np.ndarray]
+
+
+def slice_bounds(rows: int, parts: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of at most ``parts`` near-equal slices of at least MIN_SLICE_ROWS rows."""
+    count = max(1, min(parts, rows // MIN_SLICE_ROWS))
+    edges = [rows * i // count for i in range(count + 1)]
+    return list(itertools.pairwise(edges))
 
 
 def _bad_rows(chunk: InputChunk, converted: Converted) -> list[BadRow]:
@@ -70,6 +86,9 @@ class LocalRun:
         self.paths = WorkPaths(job.output)
         self.observers: Sequence[ChunkObserver] = session.observers
         self.manifest, self.resumed = self._manifest()
+        # Wall-clock time at which this process's first scored rows were in the output
+        # (written and checkpointed): comparable with a clock read outside the process.
+        self.first_rows_at: float | None = None
         resume_output = self.manifest.output_state if self.resumed else None
         self.writer: OutputWriter = open_writer(
             self.paths, job.output_format, self.plan.output_schema, resume_output
@@ -135,19 +154,33 @@ class LocalRun:
     async def _score(self, prepared: Prepared) -> Scored:
         converted = prepared.converted
         if not converted.rows:
-            return Scored(prepared, None, {})
-        result = await self.session.plane.infer(
-            InferenceRequest(self.plan.model, converted.inputs, version=self.plan.version),
-            self.session.route,
+            return Scored(prepared, {})
+        plane, route, plan = self.session.plane, self.session.route, self.plan
+        bounds = slice_bounds(converted.rows, self.job.settings.inference_threads)
+        results = await asyncio.gather(
+            *(
+                plane.infer(
+                    InferenceRequest(
+                        plan.model,
+                        {name: t[start:stop] for name, t in converted.inputs.items()},
+                        version=plan.version,
+                    ),
+                    route,
+                )
+                for start, stop in bounds
+            )
         )
-        return Scored(
-            prepared, output_batch(self.plan, converted.kept, result.outputs), result.outputs
-        )
+        if len(results) == 1:
+            return Scored(prepared, results[0].outputs)
+        outputs = {
+            name: np.concatenate([r.outputs[name] for r in results]) for name in results[0].outputs
+        }
+        return Scored(prepared, outputs)
 
     def _commit(self, scored: Scored) -> None:
         prepared = scored.prepared
-        if scored.output is not None:
-            self.writer.write(scored.output)
+        if scored.outputs:
+            self.writer.write(output_batch(self.plan, prepared.converted.kept, scored.outputs))
         counts = self.manifest.counts
         counts.read += prepared.chunk.rows_read
         counts.scored += prepared.converted.rows
@@ -167,6 +200,8 @@ class LocalRun:
         self.manifest.chunks += 1
         self.manifest.position = prepared.chunk.end
         self.manifest.save(self.paths.manifest)
+        if self.first_rows_at is None and prepared.converted.rows:
+            self.first_rows_at = time.time()
 
     # -- orchestration ----------------------------------------------------------
 
@@ -260,6 +295,7 @@ class LocalRun:
             resumed=self.resumed,
             quarantine=str(self.quarantine.path) if self.quarantine else None,
             reports={},
+            first_rows_at=self.first_rows_at,
         )
 
 

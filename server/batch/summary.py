@@ -28,6 +28,8 @@ class BatchSummary:
     quarantine: str | None = None
     reports: dict[str, Any] = field(default_factory=dict)
     peak_rss_mib: float | None = None
+    # Unix time when the first scored rows were written (local engine; None: no rows).
+    first_rows_at: float | None = None
 
     @property
     def rows_per_second(self) -> float:
