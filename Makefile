@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 MODELS_STAMP := models/.built
 
-.PHONY: serve test check models bench bench-serving bench-wrk bench-telemetry bench-batch clean
+.PHONY: serve test check models bench bench-serving bench-wrk bench-telemetry bench-batch bench-workers bench-rollout clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,8 @@ check: $(STAMP)
 	$(BIN)/ruff check server loadtest tests models
 	$(BIN)/mypy
 
-# Every benchmark, each writing its README table (about 25 minutes in all).
-bench: bench-serving bench-wrk bench-telemetry bench-batch
+# Every benchmark, each writing its README table (about 30 minutes in all).
+bench: bench-serving bench-wrk bench-telemetry bench-batch bench-rollout bench-workers
 
 # Serving (about 15 minutes; installs MLServer into .bench/ on first use).
 bench-serving: $(MODELS_STAMP)
@@ -45,8 +45,16 @@ bench-wrk: $(MODELS_STAMP)
 bench-telemetry: $(MODELS_STAMP)
 	$(BIN)/python -m loadtest.benchmarks.telemetry_bench --write-readme
 
+# Client latency during reloads and with a shadow, against neither (about 4 minutes).
+bench-rollout: $(MODELS_STAMP)
+	$(BIN)/python -m loadtest.benchmarks.rollout_bench --write-readme
+
 bench-batch: $(MODELS_STAMP)
 	$(BIN)/python -m loadtest.benchmarks.batch_bench --write-readme
+
+# One process against --workers 2, pinned and sharing the cores (about 5 minutes).
+bench-workers: $(MODELS_STAMP)
+	$(BIN)/python -m loadtest.benchmarks.workers_bench --write-readme
 
 clean:
 	rm -rf $(VENV) models/*/[0-9]*/ $(MODELS_STAMP)

@@ -99,12 +99,28 @@ def without_workers_flag(argv: list[str]) -> list[str]:
 
 def shared_state_note(settings: Settings, workers: int) -> str:
     """What the operator should know about state that is not shared between workers."""
-    if settings.redis.url:
-        return f"{workers} workers share the result cache and feedback through Redis"
-    return (
-        f"{workers} workers: the result cache, feedback joins and drift windows are per "
-        "worker (set redis.url to share them); /metrics on any worker reports every worker"
-    )
+    cache_shared = settings.cache.backend == "redis"
+    feedback_shared = settings.redis.url is not None
+    local = [
+        *([] if cache_shared else ["the result cache"]),
+        *([] if feedback_shared else ["feedback joins"]),
+        "drift windows",
+    ]
+    shared = [
+        *(["the result cache"] if cache_shared else []),
+        *(["feedback joins"] if feedback_shared else []),
+    ]
+    note = f"{workers} workers; per worker: {_listed(local)}"
+    if shared:
+        note += f"; shared through Redis: {_listed(shared)}"
+    if not cache_shared:
+        needed = "cache.backend: redis" if feedback_shared else "redis.url and cache.backend: redis"
+        note += f" (set {needed} to share the cache)"
+    return note + "; /metrics on any worker reports every worker"
+
+
+def _listed(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
 
 
 def supervise(argv: list[str], settings: Settings, workers: int, threads_given: bool) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import logging
@@ -28,8 +29,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from workers_support import Workers, scrape, start_workers
 
 from server.__main__ import main
+from server.config import load_settings
 from server.fleet_metrics import LABEL, FleetMetrics
-from server.workers import resolve_workers, without_workers_flag
+from server.workers import resolve_workers, shared_state_note, without_workers_flag
 
 BODY = {
     "inputs": [
@@ -78,6 +80,8 @@ def test_two_workers_answer_on_one_port_and_the_metrics_count_both(two: Workers)
         assert len(delta) == 2, delta
         assert all(n > 0 for n in delta.values()), delta
         assert sum(delta.values()) == 40
+    # Without Redis the supervisor says at start what each worker keeps to itself.
+    assert "per worker: the result cache, feedback joins and drift windows" in two.log.read_text()
 
 
 def test_sigterm_drains_every_worker(two: Workers) -> None:
@@ -152,7 +156,9 @@ def _tls_exchange(port: int, request: bytes) -> tuple[bytes, bytes]:
     ):
         certificate = sock.getpeercert(binary_form=True)
         assert certificate is not None
-        sock.sendall(request)
+        # The server may refuse before it has read everything: its answer is what counts.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError, ssl.SSLError):
+            sock.sendall(request)
         answer = b""
         try:
             while chunk := sock.recv(65536):
@@ -181,7 +187,8 @@ def test_every_worker_serves_with_the_single_process_protocol_and_tls(
         # New connections, so the kernel hands them to both workers (16 all to one worker:
         # one chance in 2**15).
         for _ in range(8):
-            huge = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 65536
+            # Far more than one read: the limit is checked as the head arrives.
+            huge = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * (4 << 20)
             certificate, answer = _tls_exchange(workers.port, huge + b"\r\n\r\n")
             assert certificate == expected
             head, _, body = answer.partition(b"\r\n\r\n")
@@ -205,6 +212,16 @@ def test_the_supervisor_warns_once_about_a_public_bind_without_keys(
     warnings = [r.getMessage() for r in caplog.records if r.name == "sluice.security"]
     assert len(warnings) == 1
     assert "WITHOUT API KEYS" in warnings[0]
+
+
+def test_the_start_up_note_names_what_redis_shares_and_what_stays_per_worker() -> None:
+    redis = {"redis": {"url": "redis://127.0.0.1:1"}}
+    feedback_only = shared_state_note(load_settings(None, flags=redis), 3)
+    assert "per worker: the result cache and drift windows" in feedback_only
+    assert "shared through Redis: feedback joins" in feedback_only
+    both = shared_state_note(load_settings(None, flags={**redis, "cache": {"backend": "redis"}}), 3)
+    assert "per worker: drift windows;" in both
+    assert "shared through Redis: the result cache and feedback joins" in both
 
 
 def test_workers_auto_is_the_affinity_mask_and_bad_values_are_refused() -> None:
