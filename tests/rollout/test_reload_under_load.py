@@ -16,6 +16,11 @@ import pytest
 import yaml
 from conftest import RunningServer, start_server, stop_server
 from load_support import Load, eventually
+from rollout_support import build_score_repo, infer_body
+from starlette.testclient import TestClient
+
+from server.config import Settings
+from server.http.app import create_app
 
 FRAUD = "/v2/models/fraud"
 
@@ -129,3 +134,32 @@ def test_a_version_folder_removed_from_disk_is_unloaded_under_load(
         ("2", "READY"),
         ("3", "READY"),
     }, index
+
+
+def test_a_reload_that_fails_leaves_what_serves_in_place(tmp_path: Path) -> None:
+    repo = build_score_repo(tmp_path / "repo")
+    config = repo / "score" / "model.yaml"
+    good = config.read_text()
+    with TestClient(create_app(Settings(model_repository=repo))) as client:
+        before = client.get("/v2/models/score/versions/2/stats").json()
+        config.write_text(good.replace("FP32", "FP99", 1))
+        answer = client.post("/v2/repository/models/score/load", json={})
+        assert answer.status_code == 400
+        assert "keep serving" in answer.json()["error"], answer.json()
+        assert "inputs.0.datatype" in answer.json()["error"], answer.json()
+        served = client.post("/v2/models/score/versions/2/infer", json=infer_body(1))
+        assert served.status_code == 200
+
+        # Version 2's artifact broken on disk: the reload keeps the loaded one.
+        config.write_text(good)
+        (repo / "score" / "2" / "model.onnx").write_bytes(b"garbage")
+        answer = client.post("/v2/repository/models/score/load", json={})
+        assert answer.status_code == 400
+        assert "version 2" in answer.json()["error"], answer.json()
+        served = client.post("/v2/models/score/versions/2/infer", json=infer_body(1))
+        assert served.status_code == 200
+        after = client.get("/v2/models/score/versions/2/stats").json()
+        count = after["model_stats"][0]["inference_count"]
+        assert count == before["model_stats"][0]["inference_count"] + 4, (
+            "the same version object kept serving: its statistics carried on"
+        )
