@@ -2,7 +2,10 @@
 
 ``CachedDispatcher`` keeps the dispatcher contract (``submit(inputs, rows,
 deadline)``), so the service, the stats, drift and feedback see a cached answer
-exactly as a computed one: it is still a prediction of that version.
+exactly as a computed one: it is still a prediction of that version. A
+one-row request is first looked up before validation (``lookup``); on a miss
+its key goes on to ``submit``, so a row's key is built once. How rows are held
+and bounded is ``server.core.rowcache``.
 
 Key and identity. A row's key is the version's identity (model, version, the
 artifact's sha256) followed by the row's canonical bytes (``server.core.tensors``:
@@ -36,99 +39,26 @@ memory, never to a failed or slower request.
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import hashlib
 import logging
-import struct
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
-import orjson
 
 from server.core.batcher import Dispatcher, Tensors
 from server.core.model_config import CacheConfig
+from server.core.rowcache import CacheCounters, Row, RowLayout, RowLRU
 from server.core.stats import VersionStats
 from server.core.store import SharedStore
 from server.core.tensors import one_row_bytes, row_bytes
-from server.errors import DeadlineExceeded, RuntimeFailure, ServingError
+from server.errors import DeadlineExceeded, ServingError
+
+__all__ = ["CacheCounters", "CachedDispatcher"]
 
 log = logging.getLogger("sluice.cache")
-
-# One row of every output, as the bytes of one record of the version's layout (a
-# structured dtype: each output's dtype and row shape). Bytes, not arrays: 100,000
-# cached rows as arrays and tuples are 300,000 objects for the garbage collector,
-# whose full collections then cost tens of milliseconds (p99 27 ms, 32 % less
-# throughput with every lookup a miss); bytes are not tracked at all.
-Row = bytes
-# Per entry beyond its key and row bytes: the OrderedDict slot and two bytes headers.
-ENTRY_OVERHEAD = 150
-_EXPIRY = struct.Struct("<d")
-
-
-@dataclass(slots=True)
-class CacheCounters:
-    """What the metrics export; rows, not requests (the cache is per row)."""
-
-    hits: int = 0  # rows answered from memory or Redis
-    shared_hits: int = 0  # of those, answered from Redis
-    misses: int = 0  # rows computed
-    joined: int = 0  # rows that waited for another caller's computation
-    evictions: int = 0
-    lookup_ns: int = 0
-
-
-class RowLRU:
-    """Rows by full key, bounded in entries and bytes, least recently used out first."""
-
-    def __init__(
-        self, config: CacheConfig, counters: CacheCounters, clock: Callable[[], float]
-    ) -> None:
-        # key -> expiry (8 bytes) + row: nothing here for the garbage collector to walk
-        self._entries: OrderedDict[bytes, bytes] = OrderedDict()
-        self._max_entries = config.max_entries
-        self._max_bytes = config.max_bytes
-        self._ttl = config.ttl_s
-        self._counters = counters
-        self._clock = clock
-        self.bytes = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: bytes, now: float) -> Row | None:
-        value = self._entries.get(key)
-        if value is None:
-            return None
-        if _EXPIRY.unpack_from(value)[0] <= now:
-            self._drop(key)
-            return None
-        self._entries.move_to_end(key)
-        return value[_EXPIRY.size :]
-
-    def put(self, key: bytes, row: Row, now: float) -> None:
-        if key in self._entries:
-            self._drop(key)
-        nbytes = len(key) + len(row) + _EXPIRY.size + ENTRY_OVERHEAD
-        if nbytes > self._max_bytes:
-            return
-        self._entries[key] = _EXPIRY.pack(now + self._ttl) + row
-        self.bytes += nbytes
-        while len(self._entries) > self._max_entries or self.bytes > self._max_bytes:
-            oldest = next(iter(self._entries))
-            self._drop(oldest)
-            self._counters.evictions += 1
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self.bytes = 0
-
-    def _drop(self, key: bytes) -> None:
-        self.bytes -= len(key) + len(self._entries.pop(key)) + ENTRY_OVERHEAD
 
 
 @dataclass(slots=True)
@@ -186,11 +116,9 @@ class CachedDispatcher:
         self._clock = clock
         self.counters = CacheCounters()
         self.rows = RowLRU(config, self.counters, clock)
+        self.layout = RowLayout(outputs)
         self._flights: dict[bytes, _Flight] = {}
         self._background: set[asyncio.Task[None]] = set()
-        self._layout: np.dtype[np.void] | None = None  # known once a row was computed
-        self._layout_text = ""
-        self._spec: tuple[tuple[np.dtype[Any], tuple[int, ...]], ...] = ()
 
     @property
     def depth(self) -> int:
@@ -201,9 +129,41 @@ class CachedDispatcher:
         """Rows callers wait for while another caller computes them."""
         return sum(flight.waiters for flight in self._flights.values())
 
-    async def submit(self, inputs: Tensors, rows: int, deadline: float | None = None) -> Tensors:
+    def lookup(self, inputs: Mapping[str, np.ndarray]) -> tuple[Tensors | None, bytes | None]:
+        """A one-row request's outputs when its row is in memory, and the row's key.
+
+        Called before validation: the key holds every input's name, datatype,
+        shape and bytes, so a hit is a row that passed validation when it was
+        stored. Inputs in another order than the signature's only miss. The
+        key is None when the inputs are not one row of each input; on a miss
+        it goes to ``submit`` so that it is not built twice.
+        """
+        first = next(iter(inputs.values()), None)
+        if first is None or first.ndim == 0 or first.shape[0] != 1:
+            return None, None
+        started = time.perf_counter_ns()
+        try:
+            key = self._identity + one_row_bytes(inputs)
+        except (ValueError, ServingError):
+            return None, None  # not a well-formed batch of one: validation will say why
+        if not self.layout.known:
+            return None, key
+        row = self.rows.get(key, self._clock())
+        if row is None:
+            return None, key
+        self._count(1, 0, started)
+        return self.layout.records(row, 1), key
+
+    async def submit(
+        self, inputs: Tensors, rows: int, deadline: float | None = None, key: bytes | None = None
+    ) -> Tensors:
+        """The rows' outputs, from memory, Redis or the inner dispatcher.
+
+        ``key`` is the row's key from ``lookup`` for a one-row request whose
+        inputs are in this order, already looked up in memory.
+        """
         if rows == 1 and self._shared is None:
-            return await self._submit_one(inputs, deadline)
+            return await self._submit_one(inputs, deadline, key)
         started = time.perf_counter_ns()
         keys = [self._identity + raw for raw in row_bytes(inputs, rows)]
         now = self._clock()
@@ -234,41 +194,23 @@ class CachedDispatcher:
             self.counters.joined += 1
         return self._assemble(plan, rows)
 
-    def peek(self, inputs: Mapping[str, np.ndarray]) -> Tensors | None:
-        """A one-row request's outputs when its row is in memory; None otherwise.
-
-        Called before validation: the key holds every input's name, datatype,
-        shape and bytes, so a hit is a row that passed validation when it was
-        stored. Inputs in another order than the signature's only miss.
-        """
-        first = next(iter(inputs.values()), None)
-        if first is None or first.ndim == 0 or first.shape[0] != 1 or self._layout is None:
-            return None
-        started = time.perf_counter_ns()
-        try:
-            key = self._identity + one_row_bytes(inputs)
-        except (ValueError, ServingError):
-            return None  # not a well-formed batch of one: validation will say why
-        row = self.rows.get(key, self._clock())
-        if row is None:
-            return None
-        self._count(1, 0, started)
-        return self._records(row, 1)
-
-    async def _submit_one(self, inputs: Tensors, deadline: float | None) -> Tensors:
+    async def _submit_one(
+        self, inputs: Tensors, deadline: float | None, key: bytes | None
+    ) -> Tensors:
         """One row, memory only: the path most requests take, kept short."""
         started = time.perf_counter_ns()
-        key = self._identity + one_row_bytes(inputs)
-        row = self.rows.get(key, self._clock())
-        if row is not None:
-            self._count(1, 0, started)
-            return self._records(row, 1)
+        if key is None:
+            key = self._identity + one_row_bytes(inputs)
+            row = self.rows.get(key, self._clock()) if self.layout.known else None
+            if row is not None:
+                self._count(1, 0, started)
+                return self.layout.records(row, 1)
         flight = self._flights.get(key)
         if flight is not None:
             self._count(0, 0, started)
             row = await asyncio.shield(flight.join())
             self.counters.joined += 1
-            return self._records(row, 1)
+            return self.layout.records(row, 1)
         flight = self._flights[key] = _Flight()
         self._count(0, 1, started)
         try:
@@ -279,7 +221,7 @@ class CachedDispatcher:
         except Exception as exc:
             self._fail([key], [flight], exc)
             raise
-        self._land(key, flight, self._rows_of(outputs, 1)[0], self._clock())
+        self._land(key, flight, self.layout.rows_of(outputs, 1)[0], self._clock())
         return outputs
 
     async def _compute(
@@ -303,35 +245,11 @@ class CachedDispatcher:
             self._fail([keys[i] for i in mine], flights, exc)
             raise
         now = self._clock()
-        for position, row in enumerate(self._rows_of(outputs, len(mine))):
+        for position, row in enumerate(self.layout.rows_of(outputs, len(mine))):
             index = mine[position]
             plan.found[index] = row
             self._land(keys[index], flights[position], row, now)
         plan.computed = outputs if len(mine) == rows else None
-
-    def _rows_of(self, outputs: Tensors, count: int) -> list[Row]:
-        """Each computed row as the bytes of one record of the layout."""
-        spec = tuple((outputs[name].dtype, outputs[name].shape[1:]) for name in self._outputs)
-        if self._layout is None:
-            layout: np.dtype[np.void] = np.dtype(
-                [
-                    (name, dtype, shape)
-                    for name, (dtype, shape) in zip(self._outputs, spec, strict=True)
-                ]
-            )
-            self._layout, self._layout_text, self._spec = layout, repr(layout.descr), spec
-        elif spec != self._spec:  # the registry caches only fixed output row shapes
-            raise RuntimeFailure(f"outputs changed their layout: {spec} after {self._spec}")
-        layout = self._layout
-        if len(self._outputs) == 1:
-            data = np.ascontiguousarray(outputs[self._outputs[0]]).tobytes()
-        else:
-            records = np.empty(count, layout)
-            for name in self._outputs:
-                records[name] = outputs[name]
-            data = records.tobytes()
-        size = layout.itemsize
-        return [data[i * size : (i + 1) * size] for i in range(count)]
 
     def _fly(self, key: bytes) -> _Flight:
         flight = self._flights[key] = _Flight()
@@ -343,7 +261,7 @@ class CachedDispatcher:
             del self._flights[key]
         flight.settle(row)
         if self._shared is not None:
-            self._shared.put_later(self._shared_key(key), self._encode(key, row), self._ttl)
+            self._shared.put_later(self._shared_key(key), self.layout.encode(key, row), self._ttl)
 
     def _fail(self, keys: list[bytes], flights: list[_Flight], exc: BaseException) -> None:
         for key, flight in zip(keys, flights, strict=True):
@@ -372,7 +290,8 @@ class CachedDispatcher:
             self._fail(keys, flights, exc)
             return
         now = self._clock()
-        for row, key, flight in zip(self._rows_of(outputs, len(keys)), keys, flights, strict=True):
+        rows = self.layout.rows_of(outputs, len(keys))
+        for row, key, flight in zip(rows, keys, flights, strict=True):
             self._land(key, flight, row, now)
 
     async def _from_shared(self, keys: list[bytes], plan: _Plan, flights: list[_Flight]) -> None:
@@ -385,7 +304,7 @@ class CachedDispatcher:
         still: list[int] = []
         left: list[_Flight] = []
         for index, key, flight, value in zip(plan.mine, wanted, flights, values, strict=True):
-            row = self._decode(key, value) if value is not None else None
+            row = self.layout.decode(key, value) if value is not None else None
             if row is None:
                 still.append(index)
                 left.append(flight)
@@ -418,48 +337,7 @@ class CachedDispatcher:
             return plan.computed
         data = plan.found[0] if rows == 1 else b"".join(plan.found)  # type: ignore[arg-type]
         assert data is not None
-        return self._records(data, rows)
-
-    def _records(self, data: bytes, rows: int) -> Tensors:
-        """Outputs as read-only views of row bytes: a caller cannot change a cached row."""
-        assert self._layout is not None
-        records = np.frombuffer(data, self._layout, count=rows)
-        return {name: records[name] for name in self._outputs}
-
-    def _encode(self, key: bytes, row: Row) -> bytes:
-        """A Redis value: the layout, the full key and the row. Never pickle."""
-        header = orjson.dumps([len(key), self._layout_text])
-        return b"".join([header, b"\n", key, row])
-
-    def _adopt(self, text: object) -> None:
-        """Take the layout another replica wrote, when it fits this version's outputs."""
-        try:
-            descr = ast.literal_eval(text) if isinstance(text, str) else None
-            layout: np.dtype[np.void] = np.dtype(descr)  # type: ignore[assignment]
-        except (ValueError, TypeError, SyntaxError):
-            return
-        fields: Mapping[str, Any] = layout.fields or {}
-        kinds = {fields[name][0].base.kind for name in fields}
-        if tuple(fields) == self._outputs and kinds <= set("biuf"):
-            self._layout, self._layout_text = layout, repr(layout.descr)
-
-    def _decode(self, key: bytes, value: bytes) -> Row | None:
-        """The row stored under ``key``; None unless the value is for this exact key and layout."""
-        split = value.find(b"\n")
-        try:
-            length, layout = orjson.loads(value[:split])
-        except (orjson.JSONDecodeError, TypeError, ValueError):
-            return None
-        start = split + 1
-        if not isinstance(length, int) or value[start : start + length] != key:
-            return None  # not this key: a hash collision
-        if self._layout is None:
-            self._adopt(layout)  # another replica computed it first
-        if layout != self._layout_text:
-            return None
-        row = value[start + length :]
-        assert self._layout is not None
-        return row if len(row) == self._layout.itemsize else None
+        return self.layout.records(data, rows)
 
     async def close(self) -> None:
         """Let background recomputations finish, close the inner dispatcher, drop the rows."""

@@ -10,7 +10,7 @@ import math
 import zlib
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 import orjson
@@ -19,6 +19,9 @@ from server.core.service import InferenceRequest, InferenceResult
 from server.core.signature import FLOAT_TYPES, NUMPY_DTYPES, Datatype, parse_datatype
 from server.core.tensors import tensor_bytes
 from server.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from server.http.memo import MemoEntry
 
 HEADER_LENGTH = "inference-header-content-length"
 MAX_ID_CHARS = 256  # a request id is kept with its prediction until labelled: bound its size
@@ -35,6 +38,7 @@ class DecodedInfer:
     request: InferenceRequest
     binary_default: bool = False
     binary_outputs: dict[str, bool] = field(default_factory=dict)
+    memo: MemoEntry | None = None  # how ``server.http.memo`` knows this body, if it does
 
     def wants_binary(self, name: str) -> bool:
         return self.binary_outputs.get(name, self.binary_default)

@@ -26,9 +26,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.core.routing import Reason
 from server.errors import DeadlineExceeded, InvalidInput, ServingError
-from server.http.codec import HEADER_LENGTH, DecodedInfer, decode_infer, decompress, encode_infer
+from server.http.codec import HEADER_LENGTH, DecodedInfer, decode_infer, decompress
 from server.http.errors import error_response, serving_error_response
 from server.http.handle import PlaneHandle
+from server.http.memo import CodecMemo
 
 ROUTE = "/v2/models/{name}/infer"
 VERSIONED_ROUTE = "/v2/models/{name}/versions/{version}/infer"
@@ -81,6 +82,9 @@ class InferEndpoint:
         self.limit = max_request_bytes
         self.retry_after_s = retry_after_s
         self.in_thread = decode_in_thread_bytes
+        self.memo = CodecMemo()
+        # Bodies the memo sees: small ones, decoded on the loop anyway.
+        self.memo_below = min(self.memo.max_body + 1, decode_in_thread_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # One frame on purpose: this runs for every prediction.
@@ -105,7 +109,9 @@ class InferEndpoint:
                 await body(scope, receive, send)
                 return
             encoding = headers.get(b"content-encoding")
-            if len(body) < self.in_thread:
+            if not encoding and len(body) < self.memo_below:
+                decoded = self.memo.decode(body, headers.get(_HEADER_LENGTH), name, version)
+            elif len(body) < self.in_thread:
                 decoded = _decode(
                     body, encoding, headers.get(_HEADER_LENGTH), name, version, self.limit
                 )
@@ -122,7 +128,7 @@ class InferEndpoint:
         except ServingError as exc:
             await serving_error_response(exc, self.retry_after_s)(scope, receive, send)
             return
-        payload, binary_header = encode_infer(result, decoded)
+        payload, binary_header = self.memo.encode(result, decoded)
         if binary_header is None:
             raw = [(b"content-type", b"application/json")]
         else:

@@ -214,3 +214,58 @@ async def test_cached_rows_cannot_be_changed_by_a_caller() -> None:
     answer = await cache.submit(rows(0, 1), 1)
     with pytest.raises(ValueError, match="read-only"):
         answer["y"][0, 0] = 42.0
+
+
+@dataclass
+class OneOutput:
+    """A model with one output of two values per row: rows held without a record."""
+
+    calls: list[int] = field(default_factory=list)
+    depth: int = 0
+
+    async def submit(self, inputs: Tensors, rows: int, deadline: float | None = None) -> Tensors:
+        self.calls.append(rows)
+        x = inputs["x"]
+        return {"pair": np.stack([x.sum(axis=1), x.max(axis=1)], axis=1).astype(np.float64)}
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_looked_up_one_row_request_is_computed_once_and_found_after() -> None:
+    inner = FakeDispatcher()
+    cache = cached(inner)
+    outputs, key = cache.lookup(rows(3, 1))
+    assert outputs is None
+    assert key is not None
+    computed = await cache.submit(rows(3, 1), 1, key=key)
+    found, again = cache.lookup(rows(3, 1))
+    assert found is not None
+    assert again == key
+    assert_same(found, computed)
+    assert_same(await cache.submit(rows(2, 3), 3), await FakeDispatcher().submit(rows(2, 3), 3))
+    assert inner.calls == [1, 2], "a batch holding the looked-up row did not compute it again"
+    assert (cache.counters.hits, cache.counters.misses) == (2, 3)
+
+
+async def test_a_batch_is_not_looked_up_as_one_row() -> None:
+    cache = cached(FakeDispatcher())
+    await cache.submit(rows(0, 2), 2)
+    assert cache.lookup(rows(0, 2)) == (None, None)
+
+
+async def test_rows_of_a_single_output_come_back_with_their_shape_and_dtype() -> None:
+    inner = OneOutput()
+    cache = CachedDispatcher(
+        inner, "m\0001\0sha\0", ["pair"], CacheConfig(enabled=True), VersionStats(), clock=Clock()
+    )
+    batch = rows(0, 4)
+    computed = await cache.submit(batch, 4)
+    single, _ = cache.lookup(rows(1, 1))
+    again = await cache.submit(batch, 4)
+    assert inner.calls == [4]
+    assert_same(again, computed)
+    assert single is not None
+    assert_same(single, await OneOutput().submit(rows(1, 1), 1))
+    assert single["pair"].shape == (1, 2)
+    assert not again["pair"].flags.writeable
