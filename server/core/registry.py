@@ -71,6 +71,10 @@ class ModelVersion:
     # Set when a reload replaced this version: a request routed here just before the
     # swap is served by the new one instead of failing.
     successor: ModelVersion | None = None
+    # Calls on the runtime made outside the dispatcher (shadow copies), in progress: the
+    # runtime is released only once they returned.
+    lent: int = 0
+    returned: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def sha256(self) -> str:
@@ -467,6 +471,9 @@ async def _retire(versions: Sequence[ModelVersion]) -> None:
     for dispatcher in dispatchers:
         await dispatcher.close()
     for mv in versions:
+        while mv.lent:
+            mv.returned.clear()
+            await mv.returned.wait()
         if mv.runtime is not None:
             mv.runtime.close()
             mv.runtime = None
