@@ -53,6 +53,7 @@ class TrafficView:
     paused: bool
     last_analysis: Verdict | None
     versions: tuple[ArmReport, ...]
+    breakers: dict[int, dict[str, Any]]  # each served version's circuit breaker
 
 
 class TrafficStates:
@@ -142,6 +143,11 @@ class Steering:
             status.paused,
             status.last,
             tuple(reports),
+            {
+                v: mv.breaker.describe()
+                for v, mv in sorted(self._router.entry(name).versions.items())
+                if mv.breaker is not None
+            },
         )
 
     # -- changing -------------------------------------------------------------------------

@@ -30,6 +30,7 @@ def render(view: TrafficView) -> dict[str, Any]:
         paused=view.paused,
         last_analysis=asdict(view.last_analysis) if view.last_analysis else None,
         versions=[asdict(report) for report in view.versions],
+        breakers={str(v): breaker for v, breaker in view.breakers.items()},
     )
     return doc
 

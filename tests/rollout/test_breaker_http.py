@@ -77,6 +77,11 @@ def test_a_nan_canary_trips_its_breaker_and_the_primary_answers_for_it(
     assert int(explicit.headers["retry-after"]) > 500
     assert "circuit breaker open" in explicit.json()["error"]
 
+    breakers = client.get("/v2/models/score/traffic").json()["breakers"]
+    assert breakers["5"]["state"] == "open"
+    assert breakers["5"]["trips"] == 1
+    assert breakers["1"]["state"] == "closed"
+
     metrics = client.get("/metrics").text
     assert 'ml_breaker_state{model="score",version="5"} 2.0' in metrics
     assert f'ml_inference_fallbacks_total{{model="score",version="1"}} {fallbacks}.0' in metrics
