@@ -81,7 +81,9 @@ class RowLRU:
         entries[key] = _EXPIRY.pack(now + self._ttl) + row
         self.bytes += nbytes
         while len(entries) > self._max_entries or self.bytes > self._max_bytes:
-            self._drop(next(iter(entries)))
+            # popitem, not next(iter()): half the cost on an OrderedDict under churn
+            oldest, value = entries.popitem(last=False)
+            self.bytes -= len(oldest) + len(value) + ENTRY_OVERHEAD
             self._counters.evictions += 1
 
     def clear(self) -> None:

@@ -52,14 +52,40 @@ def row_bytes(inputs: Mapping[str, np.ndarray], rows: int) -> list[bytes]:
 
 _LITTLE = sys.byteorder == "little"
 _HEADERS: dict[tuple[str, np.dtype[np.generic], tuple[int, ...]], bytes] = {}
+# One-row inputs by (name, id(dtype), whole shape): the dtype itself, its header, and
+# whether ``tobytes()`` already gives the canonical bytes (little-endian, not BYTES).
+# Holding the dtype keeps its id from being reused; hashing a dtype costs 3x an int.
+_ONE_ROW: dict[tuple[str, int, tuple[int, ...]], tuple[np.dtype[np.generic], bytes, bool]] = {}
+_CACHED_HEADERS = 4096  # client-controlled shapes must not grow the tables without bound
 
 
 def one_row_bytes(inputs: Mapping[str, np.ndarray]) -> bytes:
     """``row_bytes`` of a one-row batch, without the lists."""
-    if len(inputs) == 1:
-        [(name, array)] = inputs.items()
-        return _row_of_one(name, array)
-    return b"".join([_row_of_one(name, array) for name, array in inputs.items()])
+    parts = []
+    for name, array in inputs.items():
+        shape = array.shape
+        dtype = array.dtype
+        found = _ONE_ROW.get((name, id(dtype), shape))
+        if found is None or found[0] is not dtype:
+            found = _one_row_layout(name, array)
+        if found[2]:
+            parts.append(found[1])
+            parts.append(array.tobytes())  # C order, whatever the array's strides
+        else:
+            parts.append(_row_of_one(name, array))
+    return b"".join(parts)
+
+
+def _one_row_layout(name: str, array: np.ndarray) -> tuple[np.dtype[np.generic], bytes, bool]:
+    if array.ndim == 0 or array.shape[0] != 1:
+        raise ValueError(f"input '{name}' has no leading dimension of 1 rows")
+    dtype = array.dtype
+    order = dtype.byteorder
+    plain = dtype.kind != "O" and (order in "<|" or (order == "=" and _LITTLE))
+    found = (dtype, _header(name, array), plain)
+    if len(_ONE_ROW) < _CACHED_HEADERS:
+        _ONE_ROW[(name, id(dtype), array.shape)] = found
+    return found
 
 
 def _header(name: str, array: np.ndarray) -> bytes:
@@ -70,7 +96,7 @@ def _header(name: str, array: np.ndarray) -> bytes:
     if found is None:
         native = array.dtype if array.dtype.isnative else array.dtype.newbyteorder("=")
         found = _build_header(name, datatype_of(np.empty(0, native)), shape)
-        if len(_HEADERS) < 4096:  # client-controlled shapes must not grow it without bound
+        if len(_HEADERS) < _CACHED_HEADERS:
             _HEADERS[key] = found
     return found
 
@@ -90,13 +116,11 @@ def _build_header(name: str, datatype: Datatype, shape: tuple[int, ...]) -> byte
 
 
 def _row_of_one(name: str, array: np.ndarray) -> bytes:
+    """One input of a one-row batch whose bytes need converting: BYTES or big-endian."""
     if array.ndim == 0 or array.shape[0] != 1:
         raise ValueError(f"input '{name}' has no leading dimension of 1 rows")
     if array.dtype.kind == "O":
         return _header(name, array) + _bytes_elements(array.reshape(-1))
-    order = array.dtype.byteorder
-    if array.flags.c_contiguous and (order in "<|" or (order == "=" and _LITTLE)):
-        return _header(name, array) + array.tobytes()  # already the canonical layout
     le = array.dtype.newbyteorder("<")
     return _header(name, array) + np.ascontiguousarray(array, dtype=le).tobytes()
 

@@ -67,3 +67,19 @@ def test_tensor_bytes_is_little_endian_c_order() -> None:
 def test_a_tensor_without_the_batch_dimension_is_refused() -> None:
     with pytest.raises(ValueError, match="input 'features'"):
         row_bytes({"features": X}, 4)
+
+
+def test_a_row_alone_has_the_same_bytes_whatever_its_layout_or_byte_order() -> None:
+    row = X[1:2]
+    wide = np.zeros((1, 10), dtype=np.float32)
+    wide[:, ::2] = row
+    expected = row_bytes({"features": X}, 3)[1]
+    for other in (
+        row,
+        np.asfortranarray(row),
+        row.astype(row.dtype.newbyteorder(">")),
+        wide[:, ::2],
+    ):
+        assert row_bytes({"features": other}, 1) == [expected]
+    with pytest.raises(ValueError, match="leading dimension"):
+        row_bytes({"features": X[:2]}, 1)
