@@ -6,9 +6,11 @@ updates and a ring-buffer write; copies for shadows and for canary pairing go
 through a bounded queue (full: dropped and counted) to one background task,
 and their failures or slowness never reach a client. That task takes every
 copy waiting (up to ``COPY_BATCH_ROWS`` rows), runs each version's copies as
-one batch straight on its runtime, in a thread of its own at a lower CPU
-priority: never in the inference pool, where a slow shadow would hold up the
-primary's batches, and never through the result cache.
+one batch straight on its runtime, in a thread of its own: never in the
+inference pool, where a slow shadow would hold up the primary's batches, and
+never through the result cache. (The thread keeps the default CPU priority: a
+lower one would leave the event loop waiting on a handover of the GIL to a
+thread the kernel keeps descheduled.)
 
 Figures per version, against the primary: requests, error rate, p50/p99
 latency (the last ``LATENCY_WINDOW`` answers), the score distribution over
@@ -24,11 +26,8 @@ column (a probability for the example models).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
-import os
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -48,8 +47,6 @@ LATENCY_WINDOW = 10_000
 SCORE_BINS = 20
 COPY_QUEUE = 1_000
 COPY_BATCH_ROWS = 256
-# Nice value of the thread that scores copies: the serving threads (0) come first.
-COPY_NICENESS = 10
 # Unpaired, two histograms of 20 bins differ by chance: 0.12 JS distance for identical
 # models at 250 against 600 rows. Below this many rows each, no divergence is judged.
 MIN_LIVE_ROWS = 5_000
@@ -181,12 +178,6 @@ _Valid = tuple[_Job, dict[str, np.ndarray], int]  # a copy, its validated inputs
 def _rows(job: _Job) -> int:
     first = next(iter(job.request.inputs.values()), None)
     return int(first.shape[0]) if first is not None and first.ndim else 1
-
-
-def _lower_priority() -> None:
-    """Run the copies' thread at COPY_NICENESS (Linux: a thread id takes a nice value)."""
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), COPY_NICENESS)
 
 
 def _histogram(scores: np.ndarray) -> np.ndarray:
@@ -336,9 +327,7 @@ class Rollout:
         names = valid[0][1].keys()
         merged = {n: np.concatenate([inputs[n] for _, inputs, _ in valid]) for n in names}
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(
-                1, thread_name_prefix="sluice-copies", initializer=_lower_priority
-            )
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="sluice-copies")
         mv.lent += 1  # the registry releases the runtime only once this returned
         try:
             outputs = await asyncio.get_running_loop().run_in_executor(
