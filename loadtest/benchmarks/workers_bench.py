@@ -10,15 +10,17 @@ alternates between them for ``--rounds`` rounds, in two CPU layouts:
 
 - ``pinned``: every server process on ``--server-cpu`` (``taskset``), the load
   generator on ``--client-cpu``. One core of server either way, so this shows
-  what a second process costs: server CPU per request should stay flat;
+  what a second process costs; two workers also run at twice the clients,
+  where each worker's micro-batches are as large as the single process's;
 - ``shared``: nothing pinned, server and load generator on the same cores
   (all of this machine's). The throughput of two workers against one here is
   what a second core buys, less what the load generator takes of it.
 
 Server CPU per request: user + system time of the supervisor and every worker
 (``/proc/<pid>/stat``, all threads) over a run, divided by the responses the
-run received. Resident memory of each worker (``VmRSS``) is taken after the
-last round. With ``--write-readme`` the table goes into README.md between the
+run received; rows per batch from the servers' ``ml_inference_batch_size``
+histogram over the run. Resident memory of each worker (``VmRSS``) is taken
+after the last round. With ``--write-readme`` the table goes into README.md between the
 ``bench:workers`` markers.
 """
 
@@ -55,29 +57,61 @@ from loadtest.benchmarks.telemetry_bench import TICKS, machine_busy_s, own_cpu_s
 
 Layout = Literal["pinned", "shared"]
 LAYOUTS: tuple[Layout, ...] = ("pinned", "shared")
-SHAPES = (1, 2)  # worker processes
 READY_S = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class ArmSpec:
+    """A load on a server shape: worker processes, and clients as a multiple of --concurrency."""
+
+    workers: int
+    clients_factor: int = 1
+
+
+# Pinned, every server on one core: two workers at the same clients each get half the
+# traffic, so their micro-batches are half as large; at twice the clients each worker
+# sees what the single process sees, which is what a host with N workers and N times
+# the traffic has.
+ARMS: dict[Layout, tuple[ArmSpec, ...]] = {
+    "pinned": (ArmSpec(1), ArmSpec(2), ArmSpec(2, 2)),
+    "shared": (ArmSpec(1), ArmSpec(2)),
+}
 
 
 @dataclass(slots=True)
 class Shape:
-    """One server shape in one layout, and what each round measured."""
+    """One running server: ``workers`` processes on one port."""
 
     workers: int
     server: Server
-    ok_rps: list[float] = field(default_factory=list)
-    cpu_us: list[float] = field(default_factory=list)
-    p99_ms: list[float] = field(default_factory=list)
-    other_cores: list[float] = field(default_factory=list)
-    worker_rss_mib: list[float] = field(default_factory=list)
 
     def pids(self) -> list[int]:
         """The server process and its children (the workers, under a supervisor)."""
         root = self.server.process.pid
         return [root, *children(root)]
 
+    def worker_pids(self) -> list[int]:
+        return self.pids()[1:] if self.workers > 1 else self.pids()
+
     def cpu_s(self) -> float:
         return sum(cpu_s(pid) for pid in self.pids())
+
+
+@dataclass(slots=True)
+class Arm:
+    """One load on one shape, and what each round measured."""
+
+    shape: Shape
+    clients: int
+    ok_rps: list[float] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)
+    p99_ms: list[float] = field(default_factory=list)
+    batch_rows: list[float] = field(default_factory=list)
+    other_cores: list[float] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.shape.workers} worker(s), {self.clients} clients"
 
 
 def children(pid: int) -> list[int]:
@@ -139,55 +173,71 @@ def scraped_workers(url: str) -> int:
     return 0
 
 
-async def measure(shapes: list[Shape], args: argparse.Namespace, layout: Layout) -> None:
-    """``args.rounds`` rounds, each running every shape in turn (the order alternates)."""
+def batch_rows(url: str) -> tuple[float, float]:
+    """Rows executed and model executions so far, every worker (``/metrics``)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    rows = executions = 0.0
+    for line in text.splitlines():
+        if line.startswith("ml_inference_batch_size_sum"):
+            rows += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("ml_inference_batch_size_count"):
+            executions += float(line.rsplit(" ", 1)[1])
+    return rows, executions
+
+
+async def measure(arms: list[Arm], args: argparse.Namespace, layout: Layout) -> None:
+    """``args.rounds`` rounds, each running every arm in turn (the order alternates)."""
     pools = {}
-    for shape in shapes:
-        target = Target.from_url(shape.server.url, args.model)
-        async with asyncio.timeout(30):
-            meta = await fetch_metadata(target)
-        pool = random_pool(target, meta, BodySpec(rows_per_request=1))
-        pools[shape.workers] = (target, pool)
-        warm = ClosedLoad(concurrency=args.concurrency, duration=args.warmup)
-        await run_load(target, pool, warm)
-    load = ClosedLoad(concurrency=args.concurrency, duration=args.duration)
+    for arm in arms:
+        url = arm.shape.server.url
+        if url not in pools:
+            target = Target.from_url(url, args.model)
+            async with asyncio.timeout(30):
+                meta = await fetch_metadata(target)
+            pools[url] = (target, random_pool(target, meta, BodySpec(rows_per_request=1)))
+        target, pool = pools[url]
+        await run_load(target, pool, ClosedLoad(concurrency=arm.clients, duration=args.warmup))
     for round_no in range(args.rounds):
-        order = shapes if round_no % 2 == 0 else shapes[::-1]
-        for shape in order:
-            target, pool = pools[shape.workers]
+        for arm in arms if round_no % 2 == 0 else arms[::-1]:
+            shape = arm.shape
+            target, pool = pools[shape.server.url]
+            load = ClosedLoad(concurrency=arm.clients, duration=args.duration)
+            rows, executions = batch_rows(shape.server.url)
             cpu, busy, own = shape.cpu_s(), machine_busy_s(), own_cpu_s()
             started = time.monotonic()
             run = await run_load(target, pool, load)
             cpu = shape.cpu_s() - cpu
             wall = time.monotonic() - started
             foreign = machine_busy_s() - busy - cpu - (own_cpu_s() - own)
-            shape.ok_rps.append(run.ok_rps)
-            shape.cpu_us.append(cpu / run.completed * 1e6 if run.completed else float("nan"))
-            shape.p99_ms.append(run.latency.p99_ms)
-            shape.other_cores.append(max(foreign, 0.0) / wall)
+            rows_after, executions_after = batch_rows(shape.server.url)
+            arm.ok_rps.append(run.ok_rps)
+            arm.cpu_us.append(cpu / run.completed * 1e6 if run.completed else float("nan"))
+            arm.p99_ms.append(run.latency.p99_ms)
+            arm.batch_rows.append((rows_after - rows) / max(executions_after - executions, 1))
+            arm.other_cores.append(max(foreign, 0.0) / wall)
             print(
-                f"{layout} round {round_no + 1} {shape.workers} worker(s): "
-                f"{run.ok_rps:8.0f} req/s, {shape.cpu_us[-1]:6.1f} us CPU/request, "
-                f"p99 {run.latency.p99_ms:.2f} ms, server {cpu / wall:.2f} cores, load "
-                f"generator {run.client_cpu_util:.0%}, other load {shape.other_cores[-1]:.2f} "
+                f"{layout} round {round_no + 1} {arm.label}: {run.ok_rps:8.0f} req/s, "
+                f"{arm.cpu_us[-1]:6.1f} us CPU/request, batches of {arm.batch_rows[-1]:.1f} "
+                f"rows, p99 {run.latency.p99_ms:.2f} ms, server {cpu / wall:.2f} cores, load "
+                f"generator {run.client_cpu_util:.0%}, other load {arm.other_cores[-1]:.2f} "
                 f"cores, errors {dict(run.errors) or 'none'}",
                 file=sys.stderr,
             )
-    for shape in shapes:
-        worker_pids = shape.pids()[1:] if shape.workers > 1 else shape.pids()
-        shape.worker_rss_mib = [memory(pid).rss_mib for pid in worker_pids]
 
 
-def summary(shape: Shape) -> dict[str, Any]:
+def summary(arm: Arm, rss_mib: list[float]) -> dict[str, Any]:
     return {
-        "workers": shape.workers,
-        "ok_rps": statistics.median(shape.ok_rps),
-        "cpu_us_per_request": statistics.median(shape.cpu_us),
-        "p99_ms": statistics.median(shape.p99_ms),
-        "worker_rss_mib": shape.worker_rss_mib,
-        "ok_rps_each": shape.ok_rps,
-        "cpu_us_each": shape.cpu_us,
-        "other_load_cores_each": shape.other_cores,
+        "workers": arm.shape.workers,
+        "clients": arm.clients,
+        "ok_rps": statistics.median(arm.ok_rps),
+        "cpu_us_per_request": statistics.median(arm.cpu_us),
+        "p99_ms": statistics.median(arm.p99_ms),
+        "batch_rows": statistics.median(arm.batch_rows),
+        "worker_rss_mib": rss_mib,
+        "ok_rps_each": arm.ok_rps,
+        "cpu_us_each": arm.cpu_us,
+        "other_load_cores_each": arm.other_cores,
     }
 
 
@@ -200,53 +250,56 @@ def run_layout(
     else:
         pinning = Pinning(None, None, "")
         os.sched_setaffinity(0, cpus)
+    specs = ARMS[layout]
     with contextlib.ExitStack() as stack:
-        shapes = []
-        for workers in SHAPES:
+        shapes: dict[int, Shape] = {}
+        for workers in sorted({spec.workers for spec in specs}):
             shape = start(workers, args.model_repository, logs / layout, pinning, args.serve_arg)
             stack.enter_context(shape.server)
-            shapes.append(shape)
-        for shape in shapes:
+            shapes[workers] = shape
+        for shape in shapes.values():
             wait_ready(shape)
-        asyncio.run(measure(shapes, args, layout))
-    one, two = (summary(shape) for shape in shapes)
+        arms = [Arm(shapes[spec.workers], args.concurrency * spec.clients_factor) for spec in specs]
+        asyncio.run(measure(arms, args, layout))
+        rss = {w: [memory(pid).rss_mib for pid in s.worker_pids()] for w, s in shapes.items()}
+    figures = [summary(arm, rss[arm.shape.workers]) for arm in arms]
+    base = figures[0]
     return {
-        "one": one,
-        "two": two,
-        "rps_ratio": paired(two["ok_rps_each"], one["ok_rps_each"]),
-        "cpu_ratio": paired(two["cpu_us_each"], one["cpu_us_each"]),
+        "arms": figures,
+        # Each against the single process, round by round.
+        "rps_ratio": [paired(f["ok_rps_each"], base["ok_rps_each"]) for f in figures],
+        "cpu_ratio": [paired(f["cpu_us_each"], base["cpu_us_each"]) for f in figures],
         "other_load_cores": statistics.median(
-            one["other_load_cores_each"] + two["other_load_cores_each"]
+            [core for f in figures for core in f["other_load_cores_each"]]
         ),
     }
 
 
 def readme_table(report: dict[str, Any], argv: list[str] | None) -> str:
     lines = [
-        "| layout | workers | req/s | server CPU per request | p99 | RSS per worker |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| layout | workers | clients | req/s | server CPU per request | rows per batch "
+        "| p99 | RSS per worker | vs 1 worker: req/s, CPU |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for layout in LAYOUTS:
         figures = report["layouts"].get(layout)
         if figures is None:
             continue
-        for key in ("one", "two"):
-            shape = figures[key]
-            rss = statistics.median(shape["worker_rss_mib"])
+        for arm, rps, cpu in zip(
+            figures["arms"], figures["rps_ratio"], figures["cpu_ratio"], strict=True
+        ):
+            rss = statistics.median(arm["worker_rss_mib"])
+            versus = "" if arm["workers"] == 1 else f"**{rps:.2f}**, **{cpu:.2f}**"
             lines.append(
-                f"| {layout} | {shape['workers']} | {shape['ok_rps']:,.0f} "
-                f"| {shape['cpu_us_per_request']:.0f} µs | {shape['p99_ms']:.2f} ms "
-                f"| {rss:.0f} MiB |"
+                f"| {layout} | {arm['workers']} | {arm['clients']} | {arm['ok_rps']:,.0f} "
+                f"| {arm['cpu_us_per_request']:.0f} µs | {arm['batch_rows']:.1f} "
+                f"| {arm['p99_ms']:.2f} ms | {rss:.0f} MiB | {versus} |"
             )
-        lines.append(
-            f"| **{layout}: 2 / 1** | | **{figures['rps_ratio']:.2f}** "
-            f"| **{figures['cpu_ratio']:.2f}** | | |"
-        )
     pinned = report["pinned_note"]
     prose = (
-        f"Medians of {report['rounds']} alternating rounds of {report['duration_s']:g} s, "
-        f"{report['concurrency']} clients, 1-row JSON requests to `{report['model']}`; ratios "
-        "are medians of the per-round ratios (each pair back to back). Pinned: "
+        f"Medians of {report['rounds']} alternating rounds of {report['duration_s']:g} s "
+        f"of closed-loop 1-row JSON requests to `{report['model']}`; ratios are medians of "
+        "the per-round ratios against the single process (each pair back to back). Pinned: "
         f"{pinned}. Shared: nothing pinned, the server and the load generator on the "
         f"{len(report['cpus'])} CPUs this benchmark may use. Server CPU per request: "
         "user + system time of every server process over the responses received. Other "
