@@ -27,17 +27,18 @@ from server.core.catalog import (
 from server.core.governance import Action, Approval, Governance
 from server.core.governance.approvals import card_approval
 from server.core.governance.cards import ModelCard
-from server.core.monitoring.feedback import FeedbackOutcome, Label
 from server.core.registry import ModelEntry, ModelRegistry, ModelVersion
 from server.core.routing import Reason, Route, Router
 from server.core.runtimes import DEFAULT_PLATFORMS, PLATFORMS
 from server.core.service import InferenceRequest, InferenceResult, InferenceService
-from server.core.steering import Steering, TrafficView
 from server.errors import InvalidInput, ModelNotFound, ServingError, Unsupported
 
 if TYPE_CHECKING:
-    # The worker brings scipy; a data plane without monitoring (batch) never loads it.
+    # Types only: the worker brings scipy, steering the rollout analysis; a data plane
+    # without monitoring or traffic control (batch) never loads them.
+    from server.core.monitoring.feedback import FeedbackOutcome, Label
     from server.core.monitoring.worker import MonitoringWorker
+    from server.core.steering import Steering, TrafficView
 
 SERVER_NAME = "sluice"
 
