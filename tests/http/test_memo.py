@@ -12,7 +12,7 @@ from server.core.service import InferenceResult
 from server.core.signature import Datatype, TensorSpec
 from server.errors import InvalidInput
 from server.http.codec import DecodedInfer, decode_infer, encode_infer
-from server.http.memo import CodecMemo
+from server.http.memo import WINDOW, CodecMemo
 
 SPECS = (
     TensorSpec("probability", Datatype.FP32, (-1,)),
@@ -167,3 +167,20 @@ def test_remembered_inputs_are_read_only_and_entries_stay_bounded() -> None:
     assert decoded.memo is not None
     with pytest.raises(ValueError, match="read-only"):
         decoded.request.inputs["features"][0, 0] = 1.0
+
+
+def test_after_traffic_that_never_repeats_repeated_bodies_are_found_again() -> None:
+    memo = CodecMemo()
+    for value in range(3 * WINDOW):  # cold: nothing found for a window and more
+        answer(memo, body([float(value), 0.5]), "g")
+    assert memo.hits == 0
+    assert len(memo) == 0
+    repeated = [body([float(value), 0.25], f"r{value}") for value in range(8)]
+    for _ in range(2 * WINDOW // 8):
+        for raw in repeated:
+            answer(memo, raw, "g")
+    before = memo.hits
+    for raw in repeated * 4:
+        got, want = answer(memo, raw, "g")
+        assert got == want
+    assert memo.hits - before == len(repeated) * 4, "warm again: every one found"
