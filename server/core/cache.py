@@ -139,20 +139,27 @@ class CachedDispatcher:
         it goes to ``submit`` so that it is not built twice.
         """
         first = next(iter(inputs.values()), None)
-        if first is None or first.ndim == 0 or first.shape[0] != 1:
+        shape = first.shape if first is not None else ()
+        if not shape or shape[0] != 1:
             return None, None
         started = time.perf_counter_ns()
         try:
             key = self._identity + one_row_bytes(inputs)
         except (ValueError, ServingError):
             return None, None  # not a well-formed batch of one: validation will say why
-        if not self.layout.known:
+        layout = self.layout
+        if layout.dtype is None:
             return None, key
         row = self.rows.get(key, self._clock())
         if row is None:
             return None, key
-        self._count(1, 0, started)
-        return self.layout.records(row, 1), key
+        outputs = layout.records(row, 1)
+        elapsed = time.perf_counter_ns() - started
+        counters = self.counters
+        counters.hits += 1
+        counters.lookup_ns += elapsed
+        self._stats.cache_hit.add(elapsed)
+        return outputs, key
 
     async def submit(
         self, inputs: Tensors, rows: int, deadline: float | None = None, key: bytes | None = None
