@@ -26,11 +26,14 @@ from server.core.runtimes.xgboost import XGBoostRuntime
 SIZES = (1, 8, 64, 512)
 
 
-def load(repo: Path, model: str, version: int, **options: Any) -> Runtime:
+def load(
+    repo: Path, model: str, version: int, *, isolated: bool = False, **options: Any
+) -> Runtime:
     config = ModelRepository(repo).read_config(model)
     source = ModelRepository(repo).read_version(model, version, config)
     factory = RUNTIMES[source.runtime]
-    return factory(source.artifact, config.signature(), {**config.runtime_options, **options})
+    merged = {**config.runtime_options, **options}
+    return factory(source.artifact, config.signature(), merged, isolated=isolated)
 
 
 def holdout(repo: Path, model: str, version: int, rows: int) -> np.ndarray:
@@ -240,3 +243,33 @@ def test_the_switch_lies_where_the_measured_costs_cross() -> None:
     assert switch_rows(measured) == 27
     assert switch_rows(timings((1, 70, 90), (2, 71, 95))) == 1
     assert switch_rows(timings((1, 70, 7), (2, 71, 8), (4, 72, 9))) == 8
+
+
+def test_a_load_while_serving_prepares_the_compiled_trees_in_a_child_alike(
+    example_repo: Path, fraud_rows: np.ndarray
+) -> None:
+    """isolated=True (a reload while serving): the child's trees, parity and switch serve
+    exactly as those built in process."""
+    here = load(example_repo, "fraud", 2)
+    child = load(example_repo, "fraud", 2, isolated=True)
+    try:
+        assert child.executors.names == here.executors.names == ("compiled", "xgboost")
+        assert child.executors.parity == here.executors.parity
+        assert child.executors.switch_rows is not None
+        for rows in (1, 8, 64, 512):
+            x = {"features": fraud_rows[:rows]}
+            assert np.array_equal(child.predict(x)["probability"], here.predict(x)["probability"])
+    finally:
+        here.close()
+        child.close()
+
+
+def test_a_child_whose_parity_check_fails_leaves_xgboost_alone_and_says_why(
+    example_repo: Path,
+) -> None:
+    runtime = load(example_repo, "fraud", 2, parity_tolerance=0, isolated=True)
+    try:
+        assert runtime.executors.names == ("xgboost",)
+        assert "parity check failed" in runtime.executors.note
+    finally:
+        runtime.close()

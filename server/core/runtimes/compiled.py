@@ -13,11 +13,7 @@ onnxmltools is imported here, on first use, so a server that pins
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -25,9 +21,6 @@ import xgboost as xgb
 
 from server.core.runtimes.base import CompileError
 from server.errors import RuntimeFailure
-
-# A conversion in a child process (a load while serving) that takes longer has hung.
-CHILD_TIMEOUT_S = 300.0
 
 # onnxmltools emits TreeEnsemble from ai.onnx.ml; it supports target opsets up to 15.
 TARGET_OPSET = 15
@@ -72,31 +65,19 @@ class CompiledTrees:
         self._output = output_name
         self._dtype = dtype
         self.model = model
+        self.objective = objective
 
     @classmethod
     def convert(
-        cls,
-        booster: xgb.Booster,
-        input_name: str,
-        output_name: str,
-        dtype: np.dtype,
-        *,
-        isolated_from: Path | None = None,
+        cls, booster: xgb.Booster, input_name: str, output_name: str, dtype: np.dtype
     ) -> CompiledTrees:
-        """Convert ``booster`` (left untouched); CompileError says why it cannot be.
-
-        With ``isolated_from`` (the booster's artifact) the conversion, 0.4 s of
-        pure Python for 300 trees, runs in a child process at the lowest CPU
-        priority, so that a serving process's event loop never waits for the
-        GIL meanwhile (a reload under load).
-        """
+        """Convert ``booster`` (left untouched); CompileError says why it cannot be."""
         objective = _objective(booster)
         if objective not in OUTPUTS:
             raise CompileError(
                 f"objective {objective} has no compiled form (supported: {', '.join(OUTPUTS)})"
             )
-        model = _to_onnx(booster) if isolated_from is None else _in_child(isolated_from)
-        return cls(model, objective, input_name, output_name, dtype)
+        return cls(_to_onnx(booster), objective, input_name, output_name, dtype)
 
     def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Score a batch; the TreeEnsemble kernel reads float32 (as XGBoost does inside)."""
@@ -162,32 +143,3 @@ def _to_onnx(booster: xgb.Booster) -> bytes:
         raise CompileError(f"onnxmltools cannot convert this booster: {exc}") from exc
     model: bytes = onx.SerializeToString()
     return model
-
-
-def _in_child(artifact: Path) -> bytes:
-    """``_to_onnx`` of the booster at ``artifact``, computed by ``python -m`` this module."""
-    command = [sys.executable, "-m", __name__, str(artifact)]
-    try:
-        done = subprocess.run(command, capture_output=True, timeout=CHILD_TIMEOUT_S, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise CompileError(f"the conversion process failed: {exc}") from exc
-    if done.returncode != 0:
-        said = done.stderr.decode(errors="replace").strip().splitlines()
-        raise CompileError(said[-1] if said else f"the conversion exited {done.returncode}")
-    return done.stdout
-
-
-def _child(argv: list[str]) -> int:
-    """The conversion process: ONNX bytes of the booster file ``argv[0]`` on stdout."""
-    os.nice(19)  # whatever it costs, the serving process comes first
-    try:
-        model = _to_onnx(xgb.Booster(model_file=argv[0]))
-    except (CompileError, xgb.core.XGBoostError) as exc:
-        print(exc, file=sys.stderr)
-        return 3
-    sys.stdout.buffer.write(model)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_child(sys.argv[1:]))

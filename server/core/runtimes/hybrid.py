@@ -94,7 +94,8 @@ def load_xgboost(
 ) -> Runtime:
     """The XGBoost runtime factory: XGBoost, plus compiled trees when they pay and agree.
 
-    ``isolated``: convert in a child process (see ``CompiledTrees.convert``).
+    ``isolated``: convert, check and time the compiled trees in a child process
+    (``server.core.runtimes.isolated``); this process only opens the result.
     """
     from server.core.runtimes.xgboost import XGBoostRuntime
 
@@ -105,7 +106,16 @@ def load_xgboost(
         xgboost.executors = Executors(("xgboost",), mode=mode.value)
         return xgboost
     try:
-        compiled, parity, checked = _compile(xgboost, artifact, signature, tolerance, isolated)
+        if isolated:
+            from server.core.runtimes.isolated import prepare
+
+            compiled, parity, checked, timings = prepare(
+                xgboost, artifact, signature, rest, tolerance
+            )
+        else:
+            compiled, parity, rows = compile_and_check(xgboost, artifact, signature, tolerance)
+            timings = measure(xgboost, compiled, rows, xgboost.input_name)
+            checked = len(rows)
     except CompileError as exc:
         if mode is ExecutorMode.COMPILED:
             xgboost.close()
@@ -115,7 +125,6 @@ def load_xgboost(
             ("xgboost",), mode=mode.value, tolerance=tolerance, note=str(exc)
         )
         return xgboost
-    timings = measure(xgboost, compiled, checked, xgboost.input_name)
     if mode is ExecutorMode.COMPILED:
         executors = Executors(
             ("compiled",), mode.value, None, parity, tolerance, "", timings, inline_rows(timings)
@@ -139,7 +148,7 @@ def load_xgboost(
         where,
         executors.summary(),
         parity,
-        len(checked),
+        checked,
         tolerance,
         inline,
     )
@@ -168,12 +177,8 @@ def _executor_options(options: Mapping[str, Any]) -> tuple[ExecutorMode, float, 
     return mode, float(raw_tolerance), rest
 
 
-def _compile(
-    xgboost: XGBoostRuntime,
-    artifact: Path,
-    signature: Signature,
-    tolerance: float,
-    isolated: bool = False,
+def compile_and_check(
+    xgboost: XGBoostRuntime, artifact: Path, signature: Signature, tolerance: float
 ) -> tuple[CompiledTrees, float, np.ndarray]:
     if xgboost.margin:
         raise CompileError(
@@ -182,11 +187,7 @@ def _compile(
     from server.core.runtimes.compiled import CompiledTrees
 
     compiled = CompiledTrees.convert(
-        xgboost.booster,
-        xgboost.input_name,
-        xgboost.output_name,
-        xgboost.dtype,
-        isolated_from=artifact if isolated else None,
+        xgboost.booster, xgboost.input_name, xgboost.output_name, xgboost.dtype
     )
     try:
         rows = parity_rows(artifact.parent, signature.inputs[0], compiled.thresholds())
