@@ -9,7 +9,9 @@ and bounded is ``server.core.rowcache``.
 
 Key and identity. A row's key is the version's identity (model, version, the
 artifact's sha256) followed by the row's canonical bytes (``server.core.tensors``:
-every input's name, datatype, shape and little-endian C-order values). Entries
+every input's name, datatype, shape and little-endian C-order values). Each
+version has its own table, dropped with it, so in memory the identity is the
+table and a key is the canonical bytes alone; Redis keys carry it. Entries
 hold every output of the row; the outputs a request asks for are selected
 afterwards by the service, so they need not be part of the key, and no request
 parameter changes outputs today (``timeout`` does not). The full key is the
@@ -43,7 +45,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -144,7 +146,7 @@ class CachedDispatcher:
             return None, None
         started = time.perf_counter_ns()
         try:
-            key = self._identity + one_row_bytes(inputs)
+            key = one_row_bytes(inputs)
         except (ValueError, ServingError):
             return None, None  # not a well-formed batch of one: validation will say why
         layout = self.layout
@@ -161,18 +163,12 @@ class CachedDispatcher:
         self._stats.cache_hit.add(elapsed)
         return outputs, key
 
-    async def submit(
-        self, inputs: Tensors, rows: int, deadline: float | None = None, key: bytes | None = None
-    ) -> Tensors:
-        """The rows' outputs, from memory, Redis or the inner dispatcher.
-
-        ``key`` is the row's key from ``lookup`` for a one-row request whose
-        inputs are in this order, already looked up in memory.
-        """
+    async def submit(self, inputs: Tensors, rows: int, deadline: float | None = None) -> Tensors:
+        """The rows' outputs, from memory, Redis or the inner dispatcher."""
         if rows == 1 and self._shared is None:
-            return await self._submit_one(inputs, deadline, key)
+            return await self._submit_one(inputs, deadline, None)
         started = time.perf_counter_ns()
-        keys = [self._identity + raw for raw in row_bytes(inputs, rows)]
+        keys = row_bytes(inputs, rows)
         now = self._clock()
         plan = _Plan([self.rows.get(key, now) for key in keys])
         for index, row in enumerate(plan.found):
@@ -201,13 +197,22 @@ class CachedDispatcher:
             self.counters.joined += 1
         return self._assemble(plan, rows)
 
+    def submit_one(self, inputs: Tensors, key: bytes, deadline: float | None) -> Awaitable[Tensors]:
+        """``submit(inputs, 1, deadline)`` for a row ``lookup`` did not find under ``key``.
+
+        A plain function handing back the coroutine: one frame less per miss.
+        """
+        if self._shared is not None:
+            return self.submit(inputs, 1, deadline)
+        return self._submit_one(inputs, deadline, key)
+
     async def _submit_one(
         self, inputs: Tensors, deadline: float | None, key: bytes | None
     ) -> Tensors:
         """One row, memory only: the path most requests take, kept short."""
         started = time.perf_counter_ns()
         if key is None:
-            key = self._identity + one_row_bytes(inputs)
+            key = one_row_bytes(inputs)
             row = self.rows.get(key, self._clock()) if self.layout.known else None
             if row is not None:
                 self._count(1, 0, started)
@@ -219,7 +224,11 @@ class CachedDispatcher:
             self.counters.joined += 1
             return self.layout.records(row, 1)
         flight = self._flights[key] = _Flight()
-        self._count(0, 1, started)
+        elapsed = time.perf_counter_ns() - started
+        counters = self.counters
+        counters.misses += 1
+        counters.lookup_ns += elapsed
+        self._stats.cache_miss.add(elapsed)
         try:
             outputs = await self.inner.submit(inputs, 1, deadline)
         except (asyncio.CancelledError, DeadlineExceeded):
@@ -228,7 +237,15 @@ class CachedDispatcher:
         except Exception as exc:
             self._fail([key], [flight], exc)
             raise
-        self._land(key, flight, self.layout.rows_of(outputs, 1)[0], self._clock())
+        row = self.layout.row_of(outputs)
+        self.rows.put(key, row, self._clock())
+        flights = self._flights
+        if flights.get(key) is flight:
+            del flights[key]
+        if flight.future is not None:
+            flight.settle(row)
+        if self._shared is not None:
+            self._write_shared(key, row)
         return outputs
 
     async def _compute(
@@ -268,7 +285,12 @@ class CachedDispatcher:
             del self._flights[key]
         flight.settle(row)
         if self._shared is not None:
-            self._shared.put_later(self._shared_key(key), self.layout.encode(key, row), self._ttl)
+            self._write_shared(key, row)
+
+    def _write_shared(self, key: bytes, row: Row) -> None:
+        assert self._shared is not None
+        value = self.layout.encode(self._identity + key, row)
+        self._shared.put_later(self._shared_key(key), value, self._ttl)
 
     def _fail(self, keys: list[bytes], flights: list[_Flight], exc: BaseException) -> None:
         for key, flight in zip(keys, flights, strict=True):
@@ -311,7 +333,7 @@ class CachedDispatcher:
         still: list[int] = []
         left: list[_Flight] = []
         for index, key, flight, value in zip(plan.mine, wanted, flights, values, strict=True):
-            row = self.layout.decode(key, value) if value is not None else None
+            row = self.layout.decode(self._identity + key, value) if value is not None else None
             if row is None:
                 still.append(index)
                 left.append(flight)
@@ -326,7 +348,7 @@ class CachedDispatcher:
 
     def _shared_key(self, key: bytes) -> str:
         assert self._shared is not None
-        return self._shared.key("cache", hashlib.sha256(key).hexdigest())
+        return self._shared.key("cache", hashlib.sha256(self._identity + key).hexdigest())
 
     def _count(self, hits: int, misses: int, started: int) -> None:
         elapsed = time.perf_counter_ns() - started

@@ -29,6 +29,7 @@ Row = bytes
 # Per entry beyond its key and row bytes: the OrderedDict slot and two bytes headers.
 ENTRY_OVERHEAD = 150
 _EXPIRY = struct.Struct("<d")
+_PER_ENTRY = _EXPIRY.size + ENTRY_OVERHEAD
 
 
 @dataclass(slots=True)
@@ -75,11 +76,16 @@ class RowLRU:
         entries = self._entries
         if key in entries:
             self._drop(key)
-        nbytes = len(key) + len(row) + _EXPIRY.size + ENTRY_OVERHEAD
+        nbytes = len(key) + len(row) + _PER_ENTRY
         if nbytes > self._max_bytes:
             return
         entries[key] = _EXPIRY.pack(now + self._ttl) + row
         self.bytes += nbytes
+        if len(entries) > self._max_entries or self.bytes > self._max_bytes:
+            self._evict()
+
+    def _evict(self) -> None:
+        entries = self._entries
         while len(entries) > self._max_entries or self.bytes > self._max_bytes:
             # popitem, not next(iter()): half the cost on an OrderedDict under churn
             oldest, value = entries.popitem(last=False)
@@ -137,6 +143,17 @@ class RowLayout:
             data = records.tobytes()
         size = len(data) // count
         return [data[i * size : (i + 1) * size] for i in range(count)]
+
+    def row_of(self, outputs: Tensors) -> Row:
+        """``rows_of(outputs, 1)[0]``: the one row of a one-row answer."""
+        single = self._single
+        if single is None:
+            return self.rows_of(outputs, 1)[0]
+        name, dtype, shape = single
+        array = outputs[name]
+        if array.dtype != dtype or array.shape[1:] != shape:
+            self._changed(outputs)
+        return array.tobytes()
 
     def records(self, data: bytes, rows: int) -> Tensors:
         """Outputs as read-only views of row bytes: a caller cannot change a cached row."""

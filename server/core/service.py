@@ -114,7 +114,7 @@ class InferenceService:
             if dispatcher is None:
                 raise ModelNotReady(f"model '{mv.name}' version {mv.version} is being unloaded")
             if key is not None and dispatcher is cache and _same_order(inputs, request.inputs):
-                outputs = await cache.submit(inputs, rows, deadline, key)  # key built once
+                outputs = await cache.submit_one(inputs, key, deadline)  # key built once
             else:
                 outputs = await dispatcher.submit(inputs, rows, deadline)
         selected = {}

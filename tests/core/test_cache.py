@@ -238,7 +238,7 @@ async def test_a_looked_up_one_row_request_is_computed_once_and_found_after() ->
     outputs, key = cache.lookup(rows(3, 1))
     assert outputs is None
     assert key is not None
-    computed = await cache.submit(rows(3, 1), 1, key=key)
+    computed = await cache.submit_one(rows(3, 1), key, None)
     found, again = cache.lookup(rows(3, 1))
     assert found is not None
     assert again == key
