@@ -6,6 +6,7 @@ import os
 import platform
 import shlex
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -56,3 +57,17 @@ def provenance(argv: list[str] | None = None) -> str:
     when = time.strftime("%Y-%m-%d")
     invocation = f"python -m {name} {command}".rstrip()
     return f"`{invocation}` on {when}, {machine()}."
+
+
+def with_notes(table: list[str], prose: str, argv: list[str] | None) -> str:
+    """A README section: the table's lines, the prose under it and the command that made it."""
+    wrap = textwrap.fill
+    return "\n".join(
+        [
+            *table,
+            "",
+            wrap(prose, width=80, break_long_words=False),
+            "",
+            wrap(provenance(argv), width=80, break_long_words=False),
+        ]
+    )

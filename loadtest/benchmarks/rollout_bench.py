@@ -31,7 +31,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +48,7 @@ from loadtest import (
     run_load,
 )
 from loadtest.benchmarks.overload_bench import pin, serve
-from loadtest.benchmarks.readme import provenance, write_section
+from loadtest.benchmarks.readme import with_notes, write_section
 
 MODES = ("steady", "reloading", "shadow")
 
@@ -163,15 +162,7 @@ def table(figures: dict[str, Figures], args: argparse.Namespace, argv: list[str]
         f"version in all ({args.reloads} per run). shadow: every request also scored by "
         "another version. Server and load generator pinned to different cores."
     )
-    return "\n".join(
-        [
-            *lines,
-            "",
-            textwrap.fill(prose, width=80, break_long_words=False),
-            "",
-            textwrap.fill(provenance(argv), width=80, break_long_words=False),
-        ]
-    )
+    return with_notes(lines, prose, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,6 @@ import contextlib
 import os
 import statistics
 import sys
-import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -44,7 +43,7 @@ import orjson
 
 from loadtest import BodySpec, ClosedLoad, Target, fetch_metadata, random_pool, run_load
 from loadtest.benchmarks.overload_bench import memory
-from loadtest.benchmarks.readme import provenance, write_section
+from loadtest.benchmarks.readme import with_notes, write_section
 from loadtest.benchmarks.serving_servers import (
     Pinning,
     Server,
@@ -311,15 +310,7 @@ def readme_table(report: dict[str, Any], argv: list[str] | None) -> str:
         )
         + "."
     )
-    return "\n".join(
-        [
-            *lines,
-            "",
-            textwrap.fill(prose, width=80),
-            "",
-            textwrap.fill(provenance(argv), width=80, break_long_words=False),
-        ]
-    )
+    return with_notes(lines, prose, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
