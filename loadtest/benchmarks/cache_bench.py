@@ -20,12 +20,19 @@ Two workloads, 1-row JSON requests from 64 closed-loop clients:
   round and more bodies than requests), so every lookup of ``sluice-cache``
   misses and inserts. Target: cache on >= 95 % of cache off.
 
-Each figure is the median over the rounds; ratios are of medians.
+Each figure is the median over the rounds. A ratio is the median over the
+rounds of the ratio within a round, where the contenders ran back to back:
+on a machine shared with other work, the speed drifts more between rounds
+than within one. Beside throughput, each server's CPU time per answered
+request (from ``/proc``, all its threads, over the measured window): what a
+request costs the server whatever else shares the machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -48,18 +55,34 @@ WORKLOADS = ("repeat", "distinct")
 
 @dataclass(slots=True)
 class Figures:
-    """Per contender and workload: the throughput and p99 of each round."""
+    """Per contender and workload: throughput, p99 and CPU per answer of each round."""
 
     rps: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     p99_ms: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    cpu_us: dict[tuple[str, str], list[float]] = field(default_factory=dict)
 
-    def add(self, key: tuple[str, str], result: dict[str, Any]) -> None:
+    def add(self, key: tuple[str, str], result: dict[str, Any], cpu_us: float) -> None:
         self.rps.setdefault(key, []).append(float(result["ok_rps"]))
         self.p99_ms.setdefault(key, []).append(float(result["latency"]["p99_ms"]))
+        self.cpu_us.setdefault(key, []).append(cpu_us)
 
     def median(self, contender: str, workload: str) -> tuple[float, float]:
         key = (contender, workload)
         return statistics.median(self.rps[key]), statistics.median(self.p99_ms[key])
+
+    def cpu(self, contender: str, workload: str) -> float:
+        return statistics.median(self.cpu_us[(contender, workload)])
+
+    def ratio(self, over: str, under: str, workload: str) -> float:
+        """Median over the rounds of ``over``'s throughput / ``under``'s in the same round."""
+        pairs = zip(self.rps[(over, workload)], self.rps[(under, workload)], strict=True)
+        return statistics.median(a / b for a, b in pairs)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, all its threads (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pool(target: Target, data: ModelData, workload: str, seed: int, size: int) -> RequestPool:
@@ -69,35 +92,52 @@ def pool(target: Target, data: ModelData, workload: str, seed: int, size: int) -
     return random_pool(target, data.meta, BodySpec(pool_size=size, seed=seed))
 
 
-async def measure(target: Target, bodies: RequestPool, args: argparse.Namespace) -> RunResult:
-    return await run_closed(target, bodies, 64, args.duration, args.warmup)
+async def measure(
+    target: Target, bodies: RequestPool, args: argparse.Namespace, pid: int
+) -> tuple[RunResult, float]:
+    """One run, and the server's CPU µs per answer over its measured window."""
+    started: list[float] = []
+
+    async def mark() -> None:
+        await asyncio.sleep(args.warmup)
+        started.append(cpu_seconds(pid))
+
+    marker = asyncio.create_task(mark())
+    result = await run_closed(target, bodies, 64, args.duration, args.warmup)
+    spent = cpu_seconds(pid)
+    await marker
+    return result, (spent - started[0]) / max(1, result.ok) * 1e6
 
 
 def readme_table(figures: Figures, argv: list[str]) -> str:
     lines = [
         "| workload (1 row, 64 clients) | floor req/s | Sluice, cache off | Sluice, cache on "
-        "| cache on / floor | cache on / off | p99 off / on (ms) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| cache on / floor | cache on / off | CPU µs per answer: floor, off, on "
+        "| p99 off / on (ms) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for workload in WORKLOADS:
         floor, _ = figures.median("floor", workload)
         off, off_p99 = figures.median("sluice", workload)
         on, on_p99 = figures.median("sluice-cache", workload)
+        cpu = ", ".join(f"{figures.cpu(c, workload):.0f}" for c in CONTENDER_KEYS)
         lines.append(
-            f"| {workload} | {floor:,.0f} | {off:,.0f} | {on:,.0f} | {on / floor:.2f} "
-            f"| {on / off:.2f} | {off_p99:.2f} / {on_p99:.2f} |"
+            f"| {workload} | {floor:,.0f} | {off:,.0f} | {on:,.0f} "
+            f"| {figures.ratio('sluice-cache', 'floor', workload):.2f} "
+            f"| {figures.ratio('sluice-cache', 'sluice', workload):.2f} | {cpu} "
+            f"| {off_p99:.2f} / {on_p99:.2f} |"
         )
-    repeat_share = (
-        figures.median("sluice-cache", "repeat")[0] / figures.median("floor", "repeat")[0]
-    )
-    distinct = (
-        figures.median("sluice-cache", "distinct")[0] / figures.median("sluice", "distinct")[0]
-    )
+    repeat_share = figures.ratio("sluice-cache", "floor", "repeat")
+    distinct = figures.ratio("sluice-cache", "sluice", "distinct")
+    by_cpu = figures.cpu("floor", "repeat") / figures.cpu("sluice-cache", "repeat")
+    miss_cpu = figures.cpu("sluice-cache", "distinct") / figures.cpu("sluice", "distinct") - 1
     lines += [
         "",
         f"Targets: cache hits >= 0.80 of the floor ({'met' if repeat_share >= 0.8 else 'missed'}: "
         f"{repeat_share:.2f}); misses cost at most 5 % against no cache "
-        f"({'met' if distinct >= 0.95 else 'missed'}: {distinct:.2f}).",
+        f"({'met' if distinct >= 0.95 else 'missed'}: {distinct:.2f}). In server CPU per "
+        f"answer, a hit costs {1 / by_cpu:.2f} times a floor answer ({by_cpu:.2f} of its rate "
+        f"on a core of its own) and a miss {100 * miss_cpu:+.0f} % against no cache.",
         "",
         provenance(argv),
     ]
@@ -139,12 +179,14 @@ def main(argv: list[str] | None = None) -> int:
                     for server in servers:
                         target = Target.from_url(server.url, data.name)
                         bodies = pool(target, data, workload, round_number, args.distinct_pool)
-                        result = uvloop.run(measure(target, bodies, args)).to_dict()
-                        figures.add((server.name, workload), result)
+                        run, cpu_us = uvloop.run(measure(target, bodies, args, server.process.pid))
+                        result = run.to_dict()
+                        figures.add((server.name, workload), result, cpu_us)
                         p99 = result["latency"]["p99_ms"]
                         print(
                             f"round {round_number + 1} {workload:8} {server.name:12} "
-                            f"{result['ok_rps']:>9,.0f} req/s  p99 {p99:.2f} ms",
+                            f"{result['ok_rps']:>9,.0f} req/s  p99 {p99:.2f} ms  "
+                            f"{cpu_us:.1f} CPU µs per answer",
                             flush=True,
                         )
         finally:
