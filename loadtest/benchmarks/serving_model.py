@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,24 +64,42 @@ def booster(artifact: Path) -> xgb.Booster:
 
 
 def measure_in_process(data: ModelData, core: int | None) -> InProcess:
-    """Median time of ``inplace_predict`` for 1 and 64 rows, on the servers' core."""
+    """Median time per call for 1 and 64 rows, on the servers' core: XGBoost's
+    ``inplace_predict`` and the compiled trees Sluice builds for small batches."""
     model = booster(data.artifact)
+    compiled = _compiled(model)
     previous = os.sched_getaffinity(0)
     pin_self(core)
     try:
-        one, many = (_median_call(model, data.matrix, n) for n in (1, 64))
+        one, many = (_median_call(model.inplace_predict, data.matrix, n) for n in (1, 64))
+        c1 = _median_call(compiled, data.matrix, 1) if compiled is not None else None
+        c64 = _median_call(compiled, data.matrix, 64) if compiled is not None else None
     finally:
         os.sched_setaffinity(0, previous)
-    return InProcess(one, many, PREDICT_CALLS)
+    return InProcess(one, many, PREDICT_CALLS, c1, c64)
 
 
-def _median_call(model: xgb.Booster, matrix: np.ndarray[Any, Any], rows: int) -> float:
+def _compiled(model: xgb.Booster) -> Callable[[np.ndarray[Any, Any]], Any] | None:
+    """The compiled trees' predict for ``model`` (None when it has no compiled form)."""
+    from server.core.runtimes.base import CompileError
+    from server.core.runtimes.compiled import CompiledTrees
+
+    try:
+        trees = CompiledTrees.convert(model, "x", "y", np.dtype(np.float32))
+    except CompileError:
+        return None
+    return lambda rows: trees.predict({"x": rows})
+
+
+def _median_call(
+    predict: Callable[[np.ndarray[Any, Any]], Any], matrix: np.ndarray[Any, Any], rows: int
+) -> float:
     starts = [(i * rows) % (len(matrix) - rows) for i in range(PREDICT_CALLS)]
     for start in starts[:100]:
-        model.inplace_predict(matrix[start : start + rows])
+        predict(matrix[start : start + rows])
     times = []
     for start in starts:
         began = time.perf_counter()
-        model.inplace_predict(matrix[start : start + rows])
+        predict(matrix[start : start + rows])
         times.append(time.perf_counter() - began)
     return statistics.median(times)

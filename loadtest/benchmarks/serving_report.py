@@ -92,10 +92,17 @@ def _target_table(found: list[Target]) -> list[str]:
 
 def _notes(suite: Suite) -> list[str]:
     meta, floors = suite.meta, suite.in_process
+    compiled = (
+        f"; the compiled trees {floors.compiled_1_s * 1e6:,.0f} µs and "
+        f"{floors.compiled_64_s * 1e6:,.0f} µs"
+        if floors.compiled_1_s is not None and floors.compiled_64_s is not None
+        else ""
+    )
     notes = [
-        f"- In process, XGBoost `inplace_predict` with nthread=1: "
+        f"- In process, one thread: XGBoost `inplace_predict` "
         f"{floors.predict_1_s * 1e6:,.0f} µs for 1 row, {floors.predict_64_s * 1e6:,.0f} µs "
-        f"for 64 rows ({floors.rows_per_s_64:,.0f} rows/s); median of {floors.calls:,} calls.",
+        f"for 64 rows{compiled}; the fastest at 64 rows ({floors.fastest_64}) "
+        f"{floors.rows_per_s_64:,.0f} rows/s; medians of {floors.calls:,} calls.",
         f"- Model `{meta['model']}` version {meta['version']}; rows from its holdout, "
         f"{'binary' if meta['binary'] else 'JSON'} tensors; closed loops {meta['duration_s']:g} s "
         f"after {meta['warmup_s']:g} s of warm-up; the sweep steps {meta['sweep']['factor']:g}x "

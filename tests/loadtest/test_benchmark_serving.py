@@ -52,8 +52,9 @@ def test_quick_run_measures_every_workload_and_writes_only_its_readme_section(
             assert result.get("runs") or result.get("sweeps")
     assert doc["workloads"][0]["results"]["sluice"]["runs"][0]["ok"] > 0
     assert "equal in-process predictions" in doc["contenders"]["sluice"]["verified"]
-    assert [t["key"] for t in doc["targets"]] == ["a", "b", "c", "d"]
+    assert [t["key"] for t in doc["targets"]] == ["a", "b", "c", "d", "e"]
     assert doc["in_process"]["predict_1row_us"] > 0
+    assert doc["in_process"]["compiled_1row_us"] > 0, "the compiled trees are timed too"
 
     text = readme.read_text()
     assert text.startswith(BEFORE)
