@@ -231,6 +231,15 @@ class SecuritySettings(BaseModel):
         """Whether any key is configured (a keys file counts even while it is empty)."""
         return bool(self.keys) or self.keys_file is not None
 
+    @property
+    def rate_limited(self) -> bool:
+        """Whether any rate may apply: the default, a key's own, or a keys file's."""
+        return (
+            self.rate_limit is not None
+            or self.keys_file is not None
+            or any(key.rate_limit is not None for key in self.keys)
+        )
+
 
 class LimitSettings(BaseModel):
     """What one client may hold of the server: connections, time, bytes, concurrency."""

@@ -2,23 +2,30 @@
 
     python -m loadtest.benchmarks.overload_bench [--model-repository models] [--model fraud]
         [--factor 2] [--duration 30] [--connections 512] [--write-readme]
+        [--contender NAME=VAR=VALUE,VAR=VALUE ...] [--rounds N]
 
-Steps, against one ``sluice serve`` pinned to ``--server-cpu`` (the load
-generator on ``--client-cpu``):
+Steps, against ``sluice serve`` pinned to ``--server-cpu`` (the load
+generator on ``--client-cpu``), for each contender in each round:
 
-1. capacity: a closed loop of ``--concurrency`` clients; its 2xx/s is the
-   sustainable rate;
+1. full load: a closed loop of ``--concurrency`` clients; the first
+   contender's first 2xx/s is the sustainable rate (``--capacity-rps`` to
+   give it instead), and every contender's share of 503 here says whether it
+   sheds at full load, which it must not;
 2. unloaded: open loop at ``--unloaded-share`` of capacity, the reference p99;
 3. overload: open loop at ``--factor`` x capacity for ``--duration`` s on
    ``--connections`` connections, each request waited for up to
    ``--timeout`` s.
 
-Reported: the shares of 2xx, 503, 504 and other answers and of transport
-errors (timeouts among them) in the overload run, the p99 of its 2xx answers
-next to the unloaded p99 (both from the intended send time, so a stalled
-server shows), and the server's resident memory before and after the
-overload run (and its peak). With ``--write-readme`` the table goes into
-README.md between the ``bench:overload`` markers.
+Contenders are servers started with different ``SLUICE_*`` variables, all
+running at once on the same core and measured in turn (A, B, A, B...), so
+that a busy moment on the shared machine falls on both; the figures are each
+contender's medians over the rounds. Reported: the shares of 2xx, 503, 504
+and other answers and of transport errors (timeouts among them) in the
+overload run, the p99 of its 2xx answers next to the unloaded p99 (both from
+the intended send time, so a stalled server shows), their ratio, the 503
+share at full load, and the server's resident memory before and after the
+overload runs. With ``--write-readme`` the table goes into README.md between
+the ``bench:overload`` markers.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import argparse
 import asyncio
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,6 +51,7 @@ from loadtest import (
     BodySpec,
     ClosedLoad,
     OpenLoad,
+    RequestPool,
     RunResult,
     Target,
     fetch_metadata,
@@ -61,7 +70,34 @@ class Memory:
 
 
 @dataclass(frozen=True, slots=True)
+class Contender:
+    name: str
+    env: dict[str, str]
+    checkout: Path | None = None  # another source tree of Sluice (a git worktree), or this one
+
+
+@dataclass(frozen=True, slots=True)
+class Round:
+    """One contender's figures in one round."""
+
+    full_load_rps: float
+    full_load_503: float
+    unloaded_p99_ms: float
+    unloaded_p50_ms: float
+    sent: int
+    shares: dict[str, float]
+    timeouts: int
+    accepted_rps: float
+    accepted_p50_ms: float
+    accepted_p99_ms: float
+
+
+@dataclass(frozen=True, slots=True)
 class Report:
+    """One contender over every round: medians, and the rounds themselves."""
+
+    contender: str
+    env: dict[str, str]
     model: str
     rows_per_request: int
     capacity_rps: float
@@ -69,6 +105,8 @@ class Report:
     duration_s: float
     connections: int
     unloaded_rps: float
+    full_load_rps: float
+    full_load_503: float
     unloaded_p99_ms: float
     unloaded_p50_ms: float
     sent: int
@@ -79,6 +117,11 @@ class Report:
     accepted_p99_ms: float
     memory_before: Memory
     memory_after: Memory
+    rounds: list[Round]
+
+    @property
+    def p99_ratio(self) -> float:
+        return self.accepted_p99_ms / self.unloaded_p99_ms if self.unloaded_p99_ms else 0.0
 
 
 def free_port() -> int:
@@ -104,13 +147,18 @@ def memory(pid: int) -> Memory:
     )
 
 
-def serve(repo: Path, log: Path, cpu: int | None, env: dict[str, str]) -> tuple[Any, str]:
+def serve(
+    repo: Path, log: Path, cpu: int | None, env: dict[str, str], checkout: Path | None = None
+) -> tuple[Any, str]:
     port = free_port()
+    flags = ["--model-repository", str(repo.resolve()), "--port", str(port), "--log-level"]
     process = subprocess.Popen(
-        [*SERVE, "--model-repository", str(repo), "--port", str(port), "--log-level", "error"],
+        [*SERVE, *flags, "error"],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         env={**os.environ, **env},
+        # ``python -m server`` imports the package from the working directory first.
+        cwd=checkout,
         preexec_fn=(lambda: pin(cpu)) if cpu is not None else None,
     )
     url = f"http://127.0.0.1:{port}"
@@ -140,27 +188,41 @@ def shares(run: RunResult) -> dict[str, float]:
     return out
 
 
-async def measure(url: str, pid: int, args: argparse.Namespace) -> Report:
-    target = Target.from_url(url, args.model)
-    async with asyncio.timeout(30):
-        meta = await fetch_metadata(target)
-    pool = random_pool(target, meta, BodySpec(rows_per_request=args.rows_per_request))
+@dataclass(slots=True)
+class Server:
+    contender: Contender
+    target: Target
+    pid: int
+    pool: RequestPool | None = None
+    before: Memory | None = None
+    after: Memory | None = None
+
+    @property
+    def requests(self) -> RequestPool:
+        assert self.pool is not None, "measure() builds the pool first"
+        return self.pool
+
+
+async def full_load(server: Server, args: argparse.Namespace) -> RunResult:
     closed = ClosedLoad(concurrency=args.concurrency, duration=args.capacity_s, warmup=2.0)
-    capacity = (await run_load(target, pool, closed)).ok_rps
-    print(f"capacity: {capacity:,.0f} req/s", file=sys.stderr)
+    return await run_load(server.target, server.requests, closed)
+
+
+async def one_round(server: Server, capacity: float, args: argparse.Namespace) -> Round:
+    name = server.contender.name
+    full = await full_load(server, args)
     unloaded = await run_load(
-        target,
-        pool,
+        server.target,
+        server.requests,
         OpenLoad(rate=capacity * args.unloaded_share, duration=args.unloaded_s, warmup=1.0),
     )
-    print(f"unloaded: p99 {unloaded.latency.p99_ms:.2f} ms", file=sys.stderr)
-    before = memory(pid)
-    offered = capacity * args.factor
+    if server.before is None:
+        server.before = memory(server.pid)
     overload = await run_load(
-        target,
-        pool,
+        server.target,
+        server.requests,
         OpenLoad(
-            rate=offered,
+            rate=capacity * args.factor,
             duration=args.duration,
             warmup=0.0,
             connections=args.connections,
@@ -168,58 +230,145 @@ async def measure(url: str, pid: int, args: argparse.Namespace) -> Report:
             request_timeout=args.timeout,
         ),
     )
-    after = memory(pid)
-    return Report(
-        model=args.model,
-        rows_per_request=args.rows_per_request,
-        capacity_rps=capacity,
-        offered_rps=offered,
-        duration_s=args.duration,
-        connections=args.connections,
-        unloaded_rps=capacity * args.unloaded_share,
+    server.after = memory(server.pid)
+    split = shares(overload)
+    print(
+        f"{name}: full load {full.ok_rps:,.0f} 2xx/s, {shares(full).get('503', 0):.1%} 503; "
+        f"unloaded p99 {unloaded.latency.p99_ms:.2f} ms; overload {split.get('2xx', 0):.1%} "
+        f"2xx, p99 {overload.latency.p99_ms:.2f} ms, {overload.errors.get('timeout', 0)} "
+        "timeouts",
+        file=sys.stderr,
+    )
+    return Round(
+        full_load_rps=full.ok_rps,
+        full_load_503=shares(full).get("503", 0.0),
         unloaded_p99_ms=unloaded.latency.p99_ms,
         unloaded_p50_ms=unloaded.latency.p50_ms,
         sent=sum(overload.statuses.values()) + sum(overload.errors.values()),
-        shares=shares(overload),
+        shares=split,
         timeouts=overload.errors.get("timeout", 0),
         accepted_rps=overload.ok_rps,
         accepted_p50_ms=overload.latency.p50_ms,
         accepted_p99_ms=overload.latency.p99_ms,
-        memory_before=before,
-        memory_after=after,
     )
 
 
-def readme_table(report: Report, argv: list[str] | None) -> str:
-    s = report.shares
+async def measure(servers: list[Server], args: argparse.Namespace) -> list[Report]:
+    for server in servers:
+        async with asyncio.timeout(30):
+            meta = await fetch_metadata(server.target)
+        server.pool = random_pool(
+            server.target, meta, BodySpec(rows_per_request=args.rows_per_request)
+        )
+        # A fresh server is still warming up (allocator, caches, executors built at load).
+        warm = ClosedLoad(concurrency=args.concurrency, duration=args.warmup_s, warmup=0.0)
+        await run_load(server.target, server.requests, warm)
+    capacity = args.capacity_rps
+    if capacity is None:
+        capacity = (await full_load(servers[0], args)).ok_rps
+    print(f"capacity: {capacity:,.0f} req/s", file=sys.stderr)
+    rounds: dict[str, list[Round]] = {s.contender.name: [] for s in servers}
+    for _ in range(args.rounds):
+        for server in servers:
+            rounds[server.contender.name].append(await one_round(server, capacity, args))
+    return [report(server, rounds[server.contender.name], capacity, args) for server in servers]
+
+
+def report(
+    server: Server, rounds: list[Round], capacity: float, args: argparse.Namespace
+) -> Report:
+    def median(field: str) -> float:
+        return float(statistics.median(getattr(r, field) for r in rounds))
+
+    keys = rounds[0].shares.keys()
+    assert server.before is not None
+    assert server.after is not None
+    return Report(
+        contender=server.contender.name,
+        env=server.contender.env,
+        model=args.model,
+        rows_per_request=args.rows_per_request,
+        capacity_rps=capacity,
+        offered_rps=capacity * args.factor,
+        duration_s=args.duration,
+        connections=args.connections,
+        unloaded_rps=capacity * args.unloaded_share,
+        full_load_rps=median("full_load_rps"),
+        full_load_503=median("full_load_503"),
+        unloaded_p99_ms=median("unloaded_p99_ms"),
+        unloaded_p50_ms=median("unloaded_p50_ms"),
+        sent=int(median("sent")),
+        shares={k: statistics.median(r.shares.get(k, 0.0) for r in rounds) for k in keys},
+        timeouts=int(median("timeouts")),
+        accepted_rps=median("accepted_rps"),
+        accepted_p50_ms=median("accepted_p50_ms"),
+        accepted_p99_ms=median("accepted_p99_ms"),
+        memory_before=server.before,
+        memory_after=server.after,
+        rounds=rounds,
+    )
+
+
+def readme_table(reports: list[Report], args: argparse.Namespace, argv: list[str] | None) -> str:
+    several = len(reports) > 1
     lines = [
-        "| offered | 2xx | 503 | 504 | other | transport errors (timeouts) | accepted p99 "
-        "| unloaded p99 | RSS before → after (peak) |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        f"| {report.offered_rps:,.0f} req/s | {s.get('2xx', 0):.1%} | {s.get('503', 0):.1%} "
-        f"| {s.get('504', 0):.1%} | {s.get('other status', 0):.1%} "
-        f"| {s.get('transport errors', 0):.1%} ({report.timeouts}) "
-        f"| {report.accepted_p99_ms:.2f} ms | {report.unloaded_p99_ms:.2f} ms "
-        f"| {report.memory_before.rss_mib:.0f} → {report.memory_after.rss_mib:.0f} MiB "
-        f"({report.memory_after.peak_mib:.0f}) |",
+        ("| contender " if several else "")
+        + "| 2xx | 503 | 504 | other | transport errors (timeouts) | accepted p99 "
+        "| unloaded p99 | accepted / unloaded p99 | 503 at full load "
+        "| RSS before → after (peak) |",
+        ("| --- " if several else "") + "| ---: " * 10 + "|",
     ]
+    for r in reports:
+        s = r.shares
+        lines.append(
+            (f"| {r.contender} " if several else "")
+            + f"| {s.get('2xx', 0):.1%} | {s.get('503', 0):.1%} "
+            f"| {s.get('504', 0):.1%} | {s.get('other status', 0):.1%} "
+            f"| {s.get('transport errors', 0):.1%} ({r.timeouts}) "
+            f"| {r.accepted_p99_ms:.2f} ms | {r.unloaded_p99_ms:.2f} ms | {r.p99_ratio:.1f}x "
+            f"| {r.full_load_503:.2%} "
+            f"| {r.memory_before.rss_mib:.0f} → {r.memory_after.rss_mib:.0f} MiB "
+            f"({r.memory_after.peak_mib:.0f}) |"
+        )
+    first = reports[0]
     prose = (
-        f"`{report.model}`, {report.rows_per_request}-row JSON requests. Capacity (closed loop) "
-        f"{report.capacity_rps:,.0f} req/s; offered twice that in open loop (Poisson) for "
-        f"{report.duration_s:g} s over {report.connections} connections, {report.sent:,} "
-        f"requests; {report.accepted_rps:,.0f} 2xx/s were answered meanwhile. Unloaded: "
-        f"open loop at {report.unloaded_rps:,.0f} req/s. Latencies from the intended send "
-        "time, 2xx only. Server and load generator pinned to different cores."
+        f"`{first.model}`, {first.rows_per_request}-row JSON requests. Capacity (closed loop of "
+        f"{args.concurrency} clients) {first.capacity_rps:,.0f} req/s; offered "
+        f"{args.factor:g} x that, {first.offered_rps:,.0f} req/s, in open loop (Poisson) for "
+        f"{first.duration_s:g} s over {first.connections} connections, about {first.sent:,} "
+        f"requests; "
+        + "; ".join(f"{r.contender}: {r.accepted_rps:,.0f} 2xx/s" for r in reports)
+        + f" answered meanwhile. Unloaded: open loop at {first.unloaded_rps:,.0f} req/s. "
+        f"503 at full load: the share refused in the {args.concurrency}-client closed loop. "
+        "Latencies from the intended send time, 2xx only. Server and load generator pinned "
+        "to different cores."
     )
+    if several:
+        prose += (
+            f" Medians of {args.rounds} rounds, contenders alternated; "
+            + "; ".join(
+                f"{r.contender}: {' '.join(f'{k}={v}' for k, v in r.env.items()) or 'defaults'}"
+                for r in reports
+            )
+            + "."
+        )
     return "\n".join(
         [
             *lines,
             "",
-            textwrap.fill(prose, width=80),
+            textwrap.fill(prose, width=80, break_long_words=False),
             "",
             textwrap.fill(provenance(argv), width=80, break_long_words=False),
         ]
     )
+
+
+def contender(text: str) -> Contender:
+    """``NAME[@CHECKOUT]=VAR=VALUE,VAR=VALUE`` (or just ``NAME``: the defaults here)."""
+    head, _, rest = text.partition("=")
+    name, _, checkout = head.partition("@")
+    env = dict(item.split("=", 1) for item in rest.split(",") if item)
+    return Contender(name, env, Path(checkout) if checkout else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows-per-request", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=64, help="closed loop for capacity")
     parser.add_argument("--capacity-s", type=float, default=10.0)
+    parser.add_argument("--capacity-rps", type=float, help="instead of measuring it")
+    parser.add_argument("--warmup-s", type=float, default=5.0, help="full load, not measured")
     parser.add_argument("--unloaded-share", type=float, default=0.25)
     parser.add_argument("--unloaded-s", type=float, default=10.0)
     parser.add_argument("--factor", type=float, default=2.0)
@@ -239,29 +390,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-cpu", type=int, default=0)
     parser.add_argument("--no-pin", action="store_true")
     parser.add_argument(
-        "--server-env", action="append", default=[], metavar="VAR=VALUE", help="for the server"
+        "--server-env", action="append", default=[], metavar="VAR=VALUE", help="for every server"
     )
+    parser.add_argument(
+        "--contender",
+        action="append",
+        type=contender,
+        default=[],
+        metavar="NAME[@CHECKOUT]=VAR=VALUE,...",
+        help="a server with these variables, from this source tree (a git worktree; default "
+        "this one); repeat for more (default: one, 'sluice')",
+    )
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--write-readme", action="store_true")
     args = parser.parse_args(argv)
     pin(None if args.no_pin else args.client_cpu)
-    env = dict(item.split("=", 1) for item in args.server_env)
+    common = dict(item.split("=", 1) for item in args.server_env)
+    contenders = args.contender or [Contender("sluice", {})]
     with tempfile.TemporaryDirectory() as tmp:
-        process, url = serve(
-            args.model_repository,
-            Path(tmp) / "server.log",
-            None if args.no_pin else args.server_cpu,
-            env,
-        )
+        processes = []
+        servers = []
         try:
-            report = asyncio.run(measure(url, process.pid, args))
+            for c in contenders:
+                process, url = serve(
+                    args.model_repository,
+                    Path(tmp) / f"{c.name}.log",
+                    None if args.no_pin else args.server_cpu,
+                    {**common, **c.env},
+                    c.checkout,
+                )
+                processes.append(process)
+                target = Target.from_url(url, args.model)
+                servers.append(Server(c, target, process.pid))
+            reports = asyncio.run(measure(servers, args))
         finally:
-            process.terminate()
-            process.wait(60)
-    text = readme_table(report, argv)
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                process.wait(60)
+    text = readme_table(reports, args, argv)
     print(text)
     if args.json_out is not None:
-        args.json_out.write_bytes(orjson.dumps(asdict(report), option=orjson.OPT_INDENT_2))
+        args.json_out.write_bytes(
+            orjson.dumps([asdict(r) for r in reports], option=orjson.OPT_INDENT_2)
+        )
     if args.write_readme:
         write_section("overload", text)
     return 0

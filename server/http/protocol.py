@@ -46,6 +46,10 @@ from server.http.overload import TICK_S, AdaptiveLimit
 log = logging.getLogger("sluice.http")
 
 SWEEP_S = 1.0
+# A request that arrives whole in one read smaller than this is not counted in the body
+# budget: what those hold is bounded by max_concurrent_requests x this (64 MiB at the
+# defaults), and counting it would cost every small request.
+WHOLE_BYTES = 64 * 1024
 _HEALTH = b"/v2/health/"
 
 
@@ -120,21 +124,24 @@ class _Sweeper:
         self._held: list[tuple[Any, int]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._ticker: asyncio.TimerHandle | None = None
-        target = limits.target_latency_s
-        self.limit = (
-            AdaptiveLimit(target, limits.max_concurrent_requests) if target is not None else None
-        )
+        # A fixed limit when there is no target: the same object, never moved.
+        self.limit = AdaptiveLimit(limits.target_latency_s, limits.max_concurrent_requests)
+        self._adaptive = limits.target_latency_s is not None
+        # The clock as of the last tick or sweep, for deadlines (seconds long, checked once
+        # a second): no clock read per request.
+        self.now = self._ticked = time.monotonic()
 
     def ensure(self) -> None:
         if self._timer is None:
             self._timer = self._loop.call_later(SWEEP_S, self._sweep)
-        if self._ticker is None and self.limit is not None:
+        if self._ticker is None and self._adaptive:
             self._ticker = self._loop.call_later(TICK_S, self._tick)
 
     def _tick(self) -> None:
         self._ticker = None
-        assert self.limit is not None
-        self.limit.adjust()
+        now = self.now = time.monotonic()
+        self.limit.adjust(now - self._ticked)
+        self._ticked = now
         if self._connections:
             self._ticker = self._loop.call_later(TICK_S, self._tick)
 
@@ -145,7 +152,7 @@ class _Sweeper:
 
     def _sweep(self) -> None:
         self._timer = None
-        now = time.monotonic()
+        now = self.now = time.monotonic()
         for connection in list(self._connections):
             if isinstance(connection, GuardedHttpProtocol):
                 connection.check_deadline(now)
@@ -194,17 +201,25 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._sweeper = sweeper
         self._limit = sweeper.limit
         self._started = 0.0  # when the current request's headers were in; 0: not measured
+        # Requests of this connection let in and not answered yet (more than one when
+        # pipelined), in the limit's count of requests in progress.
+        self._active = 0
         self._refused = False  # the current request was refused without a cycle
         self._overloaded = _OverloadedApp(limits.retry_after_s)
         self._overloaded_bytes = _OVERLOADED.replace(
             b"retry-after: 1\r\n", b"retry-after: %d\r\n" % limits.retry_after_s
         )
+        # Read on every request: kept on the instance, one attribute lookup instead of two.
+        self._header_timeout_s = limits.header_timeout_s
+        self._body_timeout_s = limits.body_timeout_s
+        self._body_budget = limits.body_budget
         self._head_bytes = 0
         self._body_bytes = 0  # of this connection's request in progress, in the budget
-        self._parsed = 0  # header blocks and messages completed on this connection
-        self._in_head = True  # reading a request line and headers (or waiting for one)
+        self._parsed = 0  # messages completed on this connection
+        # Reading a request line and headers (or waiting for one); else its body: the phase
+        # whose deadline is armed.
+        self._in_head = True
         self._deadline = 0.0  # 0: none; else monotonic time the current phase must end by
-        self._phase = "request headers"
 
     # -- connections -----------------------------------------------------------
 
@@ -214,10 +229,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             log.warning("connection limit (%d) reached: refusing", self.limits.max_connections)
             self._refuse(503, f"too many connections (limit {self.limits.max_connections})")
             return
-        self._start_phase("request headers", self.limits.header_timeout_s)
+        self._deadline = time.monotonic() + self._header_timeout_s
         self._sweeper.ensure()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        active = self._active
+        if active:  # let in, never answered
+            self._active = 0
+            self._limit.active -= active
         if self._body_bytes:
             cycle = self.cycle
             if cycle is not None and not cycle.response_complete:
@@ -268,26 +287,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     # -- phases and their deadlines --------------------------------------------
 
-    def _start_phase(self, phase: str, timeout_s: float) -> float:
-        self._phase = phase
-        now = time.monotonic()
-        self._deadline = now + timeout_s
-        return now
-
     def check_deadline(self, now: float) -> None:
         """Called by the sweep: cut the connection off when its phase ran out of time."""
         if not self._deadline or now < self._deadline or self.transport.is_closing():
             return
-        timeout = (
-            self.limits.header_timeout_s
-            if self._phase == "request headers"
-            else self.limits.body_timeout_s
-        )
+        if self._in_head:
+            phase, timeout = "request headers", self._header_timeout_s
+        else:
+            phase, timeout = "request body", self._body_timeout_s
         cycle = self.cycle
         if cycle is not None and cycle.response_started:
             self.transport.close()  # an answer is under way: nothing more can be said
             return
-        self._refuse(408, f"{self._phase} not received within {timeout:g} s")
+        self._refuse(408, f"{phase} not received within {timeout:g} s")
 
     def _refuse(
         self, status: int, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()
@@ -309,42 +321,54 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         seen = self._parsed
         if not self._deadline:
-            # A keep-alive connection's next request: its headers' deadline starts now
-            # (the first request's ran from the connection).
-            self._phase = "request headers"
-            self._deadline = time.monotonic() + self.limits.header_timeout_s
+            # A keep-alive connection's next request: its headers' deadline starts now (the
+            # first request's ran from the connection), on the sweeper's clock: a tick old
+            # at most (a sweep without an adaptive limit), well within the sweep's slack.
+            self._deadline = self._sweeper.now + self._header_timeout_s
         _BASE.data_received(self, data)
-        if seen == self._parsed and self._in_head and not self.transport.is_closing():
-            # Counted once the chunk is parsed, and only if it completed no header block and
-            # no message (then part of it was body): httptools holds one chunk more at most.
-            self._head_bytes += len(data)
-            if self._head_bytes > self.limits.max_header_bytes:
-                self._refuse(
-                    431, f"request line and headers exceed {self.limits.max_header_bytes} bytes"
-                )
+        if seen == self._parsed:
+            if self._in_head:
+                if not self.transport.is_closing():
+                    # Counted once the chunk is parsed, and only if it completed no message
+                    # and left no body in progress: httptools holds one chunk more at most.
+                    self._head_bytes += len(data)
+                    if self._head_bytes > self.limits.max_header_bytes:
+                        self._refuse(
+                            431,
+                            f"request line and headers exceed {self.limits.max_header_bytes} bytes",
+                        )
+                return
+        elif len(data) < WHOLE_BYTES:
+            return  # a whole small request in one read: not counted (see WHOLE_BYTES)
+        # Body bytes, held by the request in progress until its answer is complete.
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            size = len(data)
+            self._body_bytes += size
+            sweeper = self._sweeper
+            sweeper.body_bytes += size
+            if sweeper.body_bytes > self._body_budget:
+                self._over_budget()
 
     def on_headers_complete(self) -> None:
-        self._parsed += 1
         self._in_head = False
         self._head_bytes = 0
-        self._phase = "request body"
         now = time.monotonic()
-        self._deadline = now + self.limits.body_timeout_s
+        self._deadline = now + self._body_timeout_s
         limit = self._limit
-        in_progress = len(self.tasks)
-        if limit is not None:
-            allowed = limit.limit
-            if in_progress > limit.peak:
-                limit.peak = in_progress
-        else:
-            allowed = self.limits.max_concurrent_requests
-        if in_progress < allowed or self.url.startswith(_HEALTH):
+        # Requests let in and not yet answered (not uvicorn's tasks, which outlive their
+        # answers: 64 closed-loop clients would count as more than 64).
+        in_progress = limit.active
+        if in_progress < limit.fewest:  # AdaptiveLimit.started, inlined
+            limit.fewest = in_progress
+        if in_progress < limit.limit or self.url.startswith(_HEALTH):
+            limit.active = in_progress + 1
+            self._active += 1
             self._started = now
             _BASE.on_headers_complete(self)
             return
         self._started = 0.0
-        if limit is not None:
-            limit.refused += 1
+        limit.refused += 1
         cycle = self.cycle
         if cycle is not None and cycle.response_complete and self.parser.should_keep_alive():
             # The cheapest refusal: the answer written at once, no task, no cycle; the body
@@ -360,17 +384,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             _BASE.on_headers_complete(self)
         finally:
             self.app = app
-
-    def on_body(self, body: bytes) -> None:
-        if not self.cycle.response_complete:  # else dropped by the base class: not held
-            size = len(body)
-            self._body_bytes += size
-            sweeper = self._sweeper
-            sweeper.body_bytes += size
-            if sweeper.body_bytes > self.limits.body_budget:
-                self._over_budget()
-                return
-        _BASE.on_body(self, body)
 
     def _over_budget(self) -> None:
         self._sweeper.body_refusals += 1
@@ -405,14 +418,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             )
 
     def on_response_complete(self) -> None:
-        if self._body_bytes:
-            self._release_body()
-        started = self._started
-        if started:
-            self._started = 0.0
+        held = self._body_bytes
+        if held:
+            self._body_bytes = 0
+            self._sweeper.body_bytes -= held
+        if self._active:
+            self._active -= 1
             limit = self._limit
-            if limit is not None:
-                limit.finished(time.monotonic() - started)
+            limit.active -= 1
+            started = self._started
+            if started:
+                self._started = 0.0
+                limit.total_s += time.monotonic() - started  # AdaptiveLimit.finished
+                limit.count += 1
         _BASE.on_response_complete(self)
 
     def send_400_response(self, msg: str) -> None:

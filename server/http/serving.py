@@ -15,6 +15,7 @@ from typing import Any
 from uvicorn.config import STARTUP_FAILURE, Config
 
 from server.config import Settings
+from server.http.access import forwarded_headers
 from server.http.app import create_app
 from server.http.draining import DrainingServer
 from server.http.protocol import ConnectionLimits, GuardedHttpProtocol
@@ -66,6 +67,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     options: dict[str, Any] = {
         "http": partial(GuardedHttpProtocol, limits=connection_limits(settings)),
         "ws": "none",  # no WebSocket routes: no upgrade handling to attack
+        "proxy_headers": forwarded_headers(settings),
         "timeout_keep_alive": max(1, math.ceil(settings.limits.keep_alive_timeout_s)),
     }
     if security.tls_certfile is not None:

@@ -16,14 +16,23 @@ from factory import train_xgboost, write_yaml, xgboost_config
 
 from server.config import Settings
 from server.http.app import create_app
-from server.http.overload import AdaptiveLimit
+from server.http.overload import LEAST, STORM, TICK_S, TIGHT, AdaptiveLimit
 
 
-def tick(limit: AdaptiveLimit, seconds: float, requests: int = 100, peak: int = 500) -> None:
+def tick(
+    limit: AdaptiveLimit,
+    seconds: float,
+    requests: int = 100,
+    fewest: int = 0,
+    refused: int = 0,
+) -> None:
+    """One tick in which ``requests`` were answered in ``seconds`` each, the busiest start
+    finding ``fewest`` others in progress, and ``refused`` were turned away."""
     for _ in range(requests):
         limit.finished(seconds)
-    limit.peak = peak
-    limit.adjust()
+    limit.started(fewest)
+    limit.refused += refused
+    limit.adjust(TICK_S)
 
 
 def test_below_saturation_nothing_is_limited() -> None:
@@ -35,22 +44,31 @@ def test_below_saturation_nothing_is_limited() -> None:
 
 def test_slow_answers_shrink_the_limit_and_quick_ones_grow_it_back() -> None:
     limit = AdaptiveLimit(target_s=0.010, ceiling=1024)
-    tick(limit, 0.040)  # one slow tick may be a pause: nothing changes yet
+    tick(limit, 0.040, requests=1000)  # one slow tick may be a pause: nothing changes yet
     assert limit.limit == 1024
-    tick(limit, 0.040)  # four times the target twice running: halved at most per tick
-    assert limit.limit == 512
+    tick(limit, 0.040, requests=1000)  # twice running: 20,000 answers/s x 10 ms let in
+    assert limit.limit == 201
     for _ in range(20):
-        tick(limit, 0.040)
-    assert limit.limit == limit.floor == 64
+        tick(limit, 0.040, fewest=60)
+    assert limit.limit == limit.floor == 64, "nothing refused: never below the floor"
     for _ in range(200):
         tick(limit, 0.002)
     assert limit.limit == 1024
 
 
+def test_a_closed_loop_that_fills_the_floor_is_never_shed() -> None:
+    # 64 clients waiting for their answers: 64 in progress, none refused, whatever the time.
+    limit = AdaptiveLimit(target_s=0.010, ceiling=1024)
+    for _ in range(200):
+        tick(limit, 0.030, requests=100, fewest=63)
+    assert limit.limit == 64
+    assert not limit.shedding
+
+
 def test_a_slow_model_is_not_shed_for_missing_a_target_it_never_could_meet() -> None:
     limit = AdaptiveLimit(target_s=0.010, ceiling=1024)
     for _ in range(30):
-        tick(limit, 0.050, peak=2)  # quiet: 50 ms is this model's own time
+        tick(limit, 0.050, requests=2)  # quiet: 50 ms is this model's own time
     assert limit.target >= 0.090
     for _ in range(30):
         tick(limit, 0.080)  # busy, but within twice its own time
@@ -60,9 +78,81 @@ def test_a_slow_model_is_not_shed_for_missing_a_target_it_never_could_meet() -> 
 def test_an_overloaded_server_does_not_raise_its_own_target() -> None:
     limit = AdaptiveLimit(target_s=0.010, ceiling=1024)
     for _ in range(1000):
-        tick(limit, 0.030, peak=600)  # every tick busy
+        tick(limit, 0.030, fewest=40)  # every tick busy: 60 in progress on average
     assert limit.target == 0.010
     assert limit.limit == limit.floor
+
+
+def test_excess_demand_on_a_standing_queue_is_shed_down_to_a_quiet_time() -> None:
+    limit = AdaptiveLimit(target_s=0.010, ceiling=1024)
+    for _ in range(50):
+        tick(limit, 0.001, requests=20)  # quiet: a request takes 1 ms
+    for _ in range(10):
+        tick(limit, 0.040, fewest=300)  # twice the sustainable rate arrives
+    assert limit.limit == limit.floor
+    tick(limit, 0.008, fewest=60, refused=100)  # refusing half at the floor
+    assert not limit.shedding, "once may be a burst"
+    tick(limit, 0.008, fewest=60, refused=100)
+    assert limit.shedding
+    assert limit.target == pytest.approx(TIGHT * 0.001, rel=0.01)
+    for _ in range(20):
+        tick(limit, 0.008, fewest=limit.limit - 2, refused=100)
+    assert limit.limit == LEAST, "fewer than the floor let in: each answered sooner"
+    for _ in range(5):
+        tick(limit, 0.0025, fewest=limit.limit - 2, refused=100)
+    assert LEAST < limit.limit < limit.floor, "under the tight target it grows back"
+
+
+def test_demand_within_capacity_ends_shedding() -> None:
+    limit = AdaptiveLimit(target_s=0.010, ceiling=1024)
+    for _ in range(10):
+        tick(limit, 0.040, fewest=300)
+    for _ in range(30):  # 400 answers a tick, as many refused: twice the capacity
+        tick(limit, 0.006, requests=400, fewest=limit.limit - 2, refused=400)
+    assert limit.shedding
+    assert limit.limit < limit.floor
+    # Demand falls to 90 % of the capacity; some still find the tight limit full.
+    tick(limit, 0.003, requests=340, fewest=0, refused=20)
+    assert limit.shedding, "once may be a lull"
+    tick(limit, 0.003, requests=340, fewest=0, refused=20)
+    assert not limit.shedding
+    assert limit.limit >= limit.floor
+
+
+def test_clients_that_send_again_as_soon_as_refused_end_shedding() -> None:
+    # After an overload, a closed loop of 64 that ignores Retry-After: every refused client
+    # sends again at once, dozens of refusals per answer; at the floor none would be.
+    limit = AdaptiveLimit(target_s=0.010, ceiling=1024)
+    for _ in range(10):
+        tick(limit, 0.040, fewest=300)
+    for _ in range(30):
+        tick(limit, 0.008, fewest=limit.limit - 2, refused=100)
+    assert limit.shedding
+    tick(limit, 0.002, fewest=limit.limit - 2, refused=100 * int(STORM + 1))
+    assert not limit.shedding
+    assert limit.limit >= limit.floor
+    for _ in range(50):
+        tick(limit, 0.008, fewest=63)  # the 64 clients, all let in at the floor
+    assert not limit.shedding
+    assert limit.limit >= 64
+
+
+def test_a_queue_building_up_is_seen_before_its_answers_are_late() -> None:
+    limit = AdaptiveLimit(target_s=0.010, ceiling=1024)
+    for _ in range(2):  # answers still quick, but 500 in progress at 20,000 answers/s: 25 ms
+        for _ in range(1000):
+            limit.finished(0.002)
+        limit.active = 500
+        limit.adjust(TICK_S)
+    assert limit.limit == 201
+
+
+def test_a_surge_does_not_raise_the_quiet_time() -> None:
+    limit = AdaptiveLimit(target_s=0.001, ceiling=1024)
+    for _ in range(50):
+        tick(limit, 0.001, requests=20)  # quiet: 1 ms
+    tick(limit, 0.150, requests=1)  # the first answer of a surge, alone in its tick
+    assert limit.target == pytest.approx(0.002, rel=0.5)
 
 
 def test_one_slow_moment_or_a_few_slow_answers_change_nothing() -> None:
@@ -83,6 +173,14 @@ def test_an_idle_tick_lets_the_limit_recover() -> None:
     for _ in range(100):
         limit.adjust()  # no traffic at all
     assert limit.limit == 100
+
+
+def test_without_a_target_the_limit_stays_where_it_is_set() -> None:
+    limit = AdaptiveLimit(target_s=None, ceiling=100)
+    for _ in range(20):
+        tick(limit, 1.0, fewest=90, refused=500)
+    assert limit.limit == 100
+    assert not limit.shedding
 
 
 BODY = orjson.dumps(

@@ -7,13 +7,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 from conftest import free_port
-from security_support import new_key
+from security_support import new_key, serve
 from starlette.testclient import TestClient
 
 from server.config import Settings
+from server.http.access import forwarded_headers
 from server.http.app import create_app
 from server.http.ratelimit import LocalWindows, client_identity
 
@@ -178,3 +180,30 @@ def test_a_rate_is_validated_at_start_up() -> None:
 
     with pytest.raises(ConfigError, match=r"invalid setting 'security\.rate_limit'"):
         load_settings(environ={"SLUICE_SECURITY__RATE_LIMIT": "lots"})
+
+
+def test_behind_a_local_proxy_each_forwarded_client_has_its_own_budget(
+    tiny_repo: Path, tmp_path: Path
+) -> None:
+    served = serve(
+        tiny_repo, tmp_path / "server.log", env={"SLUICE_SECURITY__RATE_LIMIT": "2/minute"}
+    )
+    try:
+        with httpx.Client(base_url=served.url, timeout=30) as client:
+
+            def post(address: str) -> int:
+                headers = {"X-Forwarded-For": address}
+                return client.post(INFER, content=BODY, headers=headers).status_code
+
+            first = [post("198.51.100.1") for _ in range(3)]
+            second = [post("198.51.100.2") for _ in range(2)]
+    finally:
+        served.stop()
+    assert first == [200, 200, 429]
+    assert second == [200, 200], "the proxy (127.0.0.1, trusted by default) names the client"
+
+
+def test_proxy_headers_are_read_only_when_something_needs_the_client_address() -> None:
+    assert not forwarded_headers(Settings(), environ={})
+    assert forwarded_headers(Settings(security={"rate_limit": "5/second"}), environ={})
+    assert forwarded_headers(Settings(), environ={"FORWARDED_ALLOW_IPS": "10.0.0.1"})
