@@ -100,8 +100,16 @@ def test_past_the_budget_a_body_gets_503_with_retry_after(server: Served) -> Non
 def test_bodies_abandoned_midway_are_given_back(server: Served) -> None:
     for _ in range(6):  # more than twice the budget abandoned
         hold(server, HELD).close()
-    assert until(server, 200).status_code == 200
-    assert [post(server).status_code for _ in range(10)] == [200] * 10
+    # The server reads an abandoned holder's bytes whenever its loop gets to them (a
+    # first 200 can come before the last holder was read) and gives them back within a
+    # second of its app returning: what must hold is that it gets back to serving every
+    # body. Bounded.
+    for _ in range(200):
+        statuses = [post(server).status_code for _ in range(10)]
+        if statuses == [200] * 10:
+            break
+        assert set(statuses) <= {200, 503}, statuses
+    assert statuses == [200] * 10, "abandoned bodies were never given back"
 
 
 def test_one_body_over_the_request_limit_is_413(server: Served) -> None:
