@@ -120,7 +120,9 @@ def test_ctrl_c_exits_130_and_leaves_a_resumable_run(
     reference, output = tmp_path / "reference.parquet", tmp_path / "out.parquet"
     subprocess.run(score(repo, source, reference), check=True, timeout=300)
 
-    code = interrupt(score(repo, source, output), output, signal.SIGINT)
+    # Smaller chunks than the reference run's: the Parquet run is fast enough that with
+    # 200-row chunks it could finish (and rightly publish) before the signal landed.
+    code = interrupt(score(repo, source, output, "--chunk-rows", "20"), output, signal.SIGINT)
     assert code == 130
     resumed = subprocess.run(
         score(repo, source, output, "--resume"), capture_output=True, text=True, timeout=300
