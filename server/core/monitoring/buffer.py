@@ -11,8 +11,10 @@ one ``np.concatenate``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from bisect import bisect_right
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import cast
 
 import numpy as np
@@ -35,6 +37,33 @@ class Block:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def parts(self, rows: int) -> Iterator[Block]:
+        """Consecutive blocks of whole requests, of about ``rows`` rows each (a request
+        larger than that is a part of its own); the block itself when it is that small."""
+        column: Sequence[np.ndarray | None] | None = next(iter(self.inputs.values()), None)
+        if column is None:
+            column = next(iter(self.outputs.values()), None)
+        if column is None:
+            yield self
+            return
+        # Rows up to and including each request (a request without this output: none).
+        ends = list(accumulate(0 if a is None else len(a) for a in column))
+        if not ends or ends[-1] <= rows:
+            yield self
+            return
+        start = 0
+        while start < len(ends):
+            done = ends[start - 1] if start else 0
+            stop = max(start + 1, bisect_right(ends, done + rows))
+            yield Block(
+                self.version,
+                {n: a[start:stop] for n, a in self.inputs.items()},
+                {n: o[start:stop] for n, o in self.outputs.items()},
+                self.ids[start:stop],
+                self.partial,
+            )
+            start = stop
 
     def _output(self, name: str) -> np.ndarray:
         """Every request's ``name`` output, joined (once per block); only when not partial."""
