@@ -224,7 +224,7 @@ async def one_round(server: Server, capacity: float, args: argparse.Namespace) -
         OpenLoad(
             rate=capacity * args.factor,
             duration=args.duration,
-            warmup=0.0,
+            warmup=args.overload_warmup,
             connections=args.connections,
             arrival="poisson",
             request_timeout=args.timeout,
@@ -343,6 +343,11 @@ def readme_table(reports: list[Report], args: argparse.Namespace, argv: list[str
         "Latencies from the intended send time, 2xx only. Server and load generator pinned "
         "to different cores."
     )
+    if args.overload_warmup:
+        prose += (
+            f" The overload's first {args.overload_warmup:g} s (its onset) are sent but not "
+            "measured."
+        )
     if several:
         prose += (
             f" Medians of {args.rounds} rounds, contenders alternated; "
@@ -385,6 +390,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--factor", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--connections", type=int, default=512)
+    parser.add_argument(
+        "--overload-warmup",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="overload sent this long before the measured window (0: the onset counts)",
+    )
     parser.add_argument("--timeout", type=float, default=10.0)
     parser.add_argument("--server-cpu", type=int, default=1)
     parser.add_argument("--client-cpu", type=int, default=0)

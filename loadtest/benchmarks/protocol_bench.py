@@ -11,9 +11,12 @@ until every answer is written, then the next request goes in. What differs
 between contenders is the protocol class only, so the difference of their
 CPU time per request is the protocol's overhead. ``--baseline REV`` adds the
 guarded protocol as it was at git revision REV (its module loaded from
-``git show``). Contenders alternate, round by round; the figure is each
-one's median of the rounds (process CPU time, so a busy neighbour on the
-same core inflates both alike rather than one of them).
+``git show``). All of these run behind uvicorn's proxy-headers layer, as
+uvicorn does by default; "sluice" is the guarded protocol as ``sluice
+serve`` runs it with nothing configured, without that layer. Contenders
+alternate, round by round; the figure is each one's median of the rounds
+(process CPU time, so a busy neighbour on the same core inflates all alike
+rather than one of them).
 """
 
 from __future__ import annotations
@@ -141,10 +144,14 @@ def module_at(revision: str) -> types.ModuleType:
             del sys.modules["server.http.overload"]
 
 
-async def run(factory: Callable[..., Any], connections: int, requests: int) -> float:
+async def run(
+    factory: Callable[..., Any], connections: int, requests: int, proxy_headers: bool = True
+) -> float:
     """CPU seconds per request for ``requests`` requests over ``connections``."""
     loop = asyncio.get_running_loop()
-    config = Config(app=app, lifespan="off", access_log=False, log_level="warning")
+    config = Config(
+        app=app, lifespan="off", access_log=False, log_level="warning", proxy_headers=proxy_headers
+    )
     config.load()
     state = ServerState()
     pairs = []
@@ -177,16 +184,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--baseline", action="append", default=[], metavar="REV")
     args = parser.parse_args(argv)
+    from server.config import Settings
     from server.http import protocol
+    from server.http.access import forwarded_headers
 
-    contenders: dict[str, Callable[..., Any]] = {"uvicorn": HttpToolsProtocol}
+    # Name: (protocol, uvicorn's proxy-headers layer on). "sluice" is the guarded protocol
+    # as `sluice serve` runs it with nothing configured.
+    contenders: dict[str, tuple[Callable[..., Any], bool]] = {"uvicorn": (HttpToolsProtocol, True)}
     for revision in args.baseline:
-        contenders[f"guarded@{revision}"] = guarded_factory(module_at(revision))
-    contenders["guarded"] = guarded_factory(protocol)
+        contenders[f"guarded@{revision}"] = (guarded_factory(module_at(revision)), True)
+    contenders["guarded"] = (guarded_factory(protocol), True)
+    contenders["sluice"] = (guarded_factory(protocol), forwarded_headers(Settings(), {}))
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(args.rounds):
-        for name, factory in contenders.items():
-            times[name].append(uvloop.run(run(factory, args.connections, args.requests)) * 1e6)
+        for name, (factory, proxy) in contenders.items():
+            seconds = uvloop.run(run(factory, args.connections, args.requests, proxy))
+            times[name].append(seconds * 1e6)
     base = statistics.median(times["uvicorn"])
     for name, each in times.items():
         median = statistics.median(each)

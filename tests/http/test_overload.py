@@ -16,7 +16,7 @@ from factory import train_xgboost, write_yaml, xgboost_config
 
 from server.config import Settings
 from server.http.app import create_app
-from server.http.overload import LEAST, STORM, TICK_S, TIGHT, AdaptiveLimit
+from server.http.overload import HOLD_TICKS, LEAST, STORM, TICK_S, TIGHT, AdaptiveLimit
 
 
 def tick(
@@ -119,9 +119,22 @@ def test_demand_within_capacity_ends_shedding() -> None:
     assert limit.limit >= limit.floor
 
 
-def test_clients_that_send_again_as_soon_as_refused_end_shedding() -> None:
-    # After an overload, a closed loop of 64 that ignores Retry-After: every refused client
-    # sends again at once, dozens of refusals per answer; at the floor none would be.
+def test_clients_that_send_again_as_soon_as_refused_are_let_in() -> None:
+    # A closed loop of 128 that ignores Retry-After, over a floor of 64: every refused
+    # client sends again at once, dozens of refusals per answer.
+    limit = AdaptiveLimit(target_s=0.010, ceiling=1024)
+    for _ in range(10):
+        tick(limit, 0.040, fewest=120)
+    assert limit.limit == limit.floor
+    tick(limit, 0.014, requests=460, fewest=63, refused=460 * int(STORM + 1))
+    assert limit.limit == 128, "doubled: let them wait their turn instead"
+    for _ in range(HOLD_TICKS - 1):  # 128 in progress, 14 ms each: over the 10 ms target
+        tick(limit, 0.014, requests=460, fewest=127)
+    assert limit.limit >= 128, "held while the storm may come back"
+    assert not limit.shedding
+
+
+def test_a_storm_ends_shedding() -> None:
     limit = AdaptiveLimit(target_s=0.010, ceiling=1024)
     for _ in range(10):
         tick(limit, 0.040, fewest=300)
@@ -130,11 +143,7 @@ def test_clients_that_send_again_as_soon_as_refused_end_shedding() -> None:
     assert limit.shedding
     tick(limit, 0.002, fewest=limit.limit - 2, refused=100 * int(STORM + 1))
     assert not limit.shedding
-    assert limit.limit >= limit.floor
-    for _ in range(50):
-        tick(limit, 0.008, fewest=63)  # the 64 clients, all let in at the floor
-    assert not limit.shedding
-    assert limit.limit >= 64
+    assert limit.limit >= 2 * limit.floor
 
 
 def test_a_queue_building_up_is_seen_before_its_answers_are_late() -> None:
