@@ -15,12 +15,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import numpy as np
 from opentelemetry.trace import Tracer
 
 from server.core.batcher import (
@@ -28,7 +27,6 @@ from server.core.batcher import (
     DirectDispatcher,
     Dispatcher,
     MicroBatcher,
-    Tensors,
 )
 from server.core.breaker import BreakerEvent, BreakerListener, BreakerState, CircuitBreaker
 from server.core.cache import CachedDispatcher
@@ -38,10 +36,11 @@ from server.core.monitoring.tracing import BatchTracing
 from server.core.repository import ModelRepository, RepositoryError, VersionSource
 from server.core.routing import Router
 from server.core.runtimes import RUNTIMES, Runtime, SignatureMismatch
-from server.core.signature import FLOAT_TYPES, Signature
+from server.core.signature import Signature
 from server.core.stats import VersionStats
 from server.core.store import SharedStore
-from server.errors import RuntimeFailure, ServingError
+from server.core.versions import finite_outputs, keep_serving, retire, smoke_test
+from server.errors import ServingError
 
 log = logging.getLogger("sluice.registry")
 
@@ -169,7 +168,7 @@ class ModelRegistry:
             current = previous if previous is not None and not previous.unloaded else None
             entry = await self._build(name, current)
             if current is not None:
-                entry = _keep_serving(current, entry)
+                entry = keep_serving(current, entry)
             self._models[name] = entry
             self.router.update(entry)
             if previous is not None:
@@ -177,7 +176,7 @@ class ModelRegistry:
                 gone = [mv for mv in previous.versions.values() if id(mv) not in kept]
                 for mv in gone:
                     mv.successor = entry.versions.get(mv.version)
-                await _retire(gone)
+                await retire(gone)
             for mv in entry.versions.values():
                 if previous is not None and previous.versions.get(mv.version) is mv:
                     continue
@@ -208,7 +207,7 @@ class ModelRegistry:
                 if mv.state is VersionState.READY:
                     mv.state = VersionState.UNLOADING
             self.router.update(entry)
-            await _retire(list(entry.versions.values()))
+            await retire(list(entry.versions.values()))
             entry.unloaded = True
             for mv in entry.versions.values():
                 mv.state = VersionState.UNAVAILABLE
@@ -219,7 +218,7 @@ class ModelRegistry:
     async def close(self) -> None:
         """Drain and release every model."""
         for entry in list(self._models.values()):
-            await _retire(list(entry.versions.values()))
+            await retire(list(entry.versions.values()))
             self.router.forget(entry.name)
         self._models.clear()
         self._loader.shutdown(wait=True)
@@ -288,7 +287,7 @@ class ModelRegistry:
             mv.runtime = await loop.run_in_executor(
                 self._loader, factory, mv.source.artifact, mv.signature, config.runtime_options
             )
-            await loop.run_in_executor(self._loader, _smoke_test, mv.runtime, mv.signature)
+            await loop.run_in_executor(self._loader, smoke_test, mv.runtime, mv.signature)
         except (RepositoryError, SignatureMismatch, ServingError) as exc:
             if mv.runtime is not None:
                 mv.runtime.close()
@@ -347,7 +346,7 @@ class ModelRegistry:
         # 16.4k to 9.9k req/s (the loop computing instead of collecting requests, batches
         # stay small). Measured side by side with loadtest --compare, fraud v2, 2026-12-01.
         inline = 0
-        predict = _finite_outputs(mv)
+        predict = finite_outputs(mv)
 
         def observe(record: BatchRecord) -> None:
             if record.ok:
@@ -385,95 +384,3 @@ class ModelRegistry:
             tracing=tracing,
             inline_rows=inline,
         )
-
-
-def _keep_serving(current: ModelEntry, entry: ModelEntry) -> ModelEntry:
-    """``entry`` with every version that failed to rebuild replaced by the one serving."""
-    serving = {v: mv for v, mv in current.versions.items() if mv.state is VersionState.READY}
-    if not serving:
-        return entry
-    if entry.error:
-        current.reload_error = f"reload failed, the loaded versions keep serving: {entry.error}"
-        return current
-    failed = []
-    for v, mv in list(entry.versions.items()):
-        if mv.state is not VersionState.READY and v in serving:
-            failed.append(f"version {v}: {mv.reason}")
-            entry.versions[v] = serving[v]
-    if failed:
-        entry.reload_error = (
-            f"reload failed, the loaded artifact keeps serving: {'; '.join(failed)}"
-        )
-    elif not entry.ready_versions():
-        # The policy now selects only versions that failed (a broken new ``latest``): the
-        # ones serving stay until a version that works replaces them.
-        failed = [f"version {v}: {mv.reason}" for v, mv in sorted(entry.versions.items())]
-        entry.versions = {**serving, **entry.versions}
-        kept = ", ".join(str(v) for v in sorted(serving))
-        entry.reload_error = f"{'; '.join(failed)}; version(s) {kept} keep serving"
-    return entry
-
-
-def _finite_outputs(mv: ModelVersion) -> Callable[[Mapping[str, np.ndarray]], Tensors]:
-    """The runtime's predict, failing a batch whose float outputs hold NaN or infinity.
-
-    Non-finite scores cannot be trusted (nor written as JSON); a failed batch is
-    what the circuit breaker counts. Outputs declared ``allow_nonfinite`` pass.
-    """
-    assert mv.runtime is not None
-    predict = mv.runtime.predict
-    checked = tuple(
-        o.name for o in mv.signature.outputs if o.datatype in FLOAT_TYPES and not o.allow_nonfinite
-    )
-    if not checked:
-        return predict
-    name, version = mv.name, mv.version
-
-    def guarded(inputs: Mapping[str, np.ndarray]) -> Tensors:
-        outputs = predict(inputs)
-        for output in checked:
-            array = outputs.get(output)
-            if array is not None and not np.isfinite(array).all():
-                bad = int(array.size - np.count_nonzero(np.isfinite(array)))
-                raise RuntimeFailure(
-                    f"model '{name}' version {version} produced {bad} non-finite "
-                    f"value(s) in output '{output}'"
-                )
-        return outputs
-
-    return guarded
-
-
-def _smoke_test(runtime: Runtime, signature: Signature) -> None:
-    """Predict one row of zeros so a model that loads but cannot run is caught at load time."""
-    inputs = {}
-    for spec in signature.inputs:
-        shape = tuple(1 if d == -1 else d for d in spec.shape)
-        inputs[spec.name] = np.zeros(shape, dtype=spec.numpy_dtype)
-    try:
-        outputs = runtime.predict(inputs)
-    except ServingError as exc:
-        raise SignatureMismatch(f"test prediction failed: {exc}") from exc
-    missing = [o.name for o in signature.outputs if o.name not in outputs]
-    if missing:
-        raise SignatureMismatch(f"the model does not produce declared output(s) {missing}")
-
-
-async def _retire(versions: Sequence[ModelVersion]) -> None:
-    """Stop each version taking requests, then let it finish what it queued and release it."""
-    dispatchers = []
-    for mv in versions:
-        if mv.state is VersionState.READY:
-            mv.state = VersionState.UNLOADING
-        if mv.dispatcher is not None:
-            dispatchers.append(mv.dispatcher)
-        mv.dispatcher = mv.cache = None
-    for dispatcher in dispatchers:
-        await dispatcher.close()
-    for mv in versions:
-        while mv.lent:
-            mv.returned.clear()
-            await mv.returned.wait()
-        if mv.runtime is not None:
-            mv.runtime.close()
-            mv.runtime = None
