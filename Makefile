@@ -45,7 +45,7 @@ bench-wrk: $(MODELS_STAMP)
 bench-telemetry: $(MODELS_STAMP)
 	$(BIN)/python -m loadtest.benchmarks.telemetry_bench --write-readme
 
-# Client latency during reloads and with a shadow, against neither (about 4 minutes).
+# Client latency during reloads and with a shadow, against neither (about 6 minutes).
 bench-rollout: $(MODELS_STAMP)
 	$(BIN)/python -m loadtest.benchmarks.rollout_bench --write-readme
 
