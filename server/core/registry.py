@@ -13,11 +13,8 @@ successor (``ModelVersion.successor``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
-import os
-import threading
 from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,6 +33,7 @@ from server.core.cache import CachedDispatcher
 from server.core.catalog import VersionState
 from server.core.model_config import ModelConfig
 from server.core.monitoring.tracing import BatchTracing
+from server.core.priority import lowest_thread_priority
 from server.core.repository import ModelRepository, RepositoryError, VersionSource
 from server.core.routing import Router
 from server.core.runtimes import RUNTIMES, Runtime, SignatureMismatch
@@ -132,7 +130,7 @@ class ModelRegistry:
         # pool, where a reload would hold up every batch behind it, and at the lowest
         # priority, so that it takes the CPU only when serving leaves some.
         self._loader = ThreadPoolExecutor(
-            1, thread_name_prefix="sluice-load", initializer=_lowest_priority
+            1, thread_name_prefix="sluice-load", initializer=lowest_thread_priority
         )
         self._threads = threads
         self._batching_enabled = batching_enabled
@@ -390,15 +388,3 @@ class ModelRegistry:
             tracing=tracing,
             inline_rows=inline,
         )
-
-
-def _lowest_priority() -> None:
-    """Nice 19 for the calling thread (on Linux a nice value is per thread).
-
-    Not SCHED_IDLE, as the preparation child is: a load must still finish
-    when the server is saturated. At nice 0 the loader's 15 ms or so of CPU
-    per rebuild (opening the sessions, reading the booster, the test batch)
-    took time slices from the event loop on a shared core.
-    """
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)

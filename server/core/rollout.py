@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from server.core.priority import lowest_thread_priority
 from server.core.registry import ModelVersion
 from server.core.routing import Copy, Reason, Route
 from server.core.service import InferenceRequest, InferenceResult
@@ -75,7 +76,10 @@ class Arm:
             self.scored(first_scores(outputs))
 
     def scored(self, scores: np.ndarray) -> None:
-        self.scores += _histogram(scores)
+        if scores.shape[0] == 1:  # one request's row: a bin index, not four numpy calls
+            self.scores[_bin(float(scores[0]))] += 1
+        else:
+            self.scores += _histogram(scores)
 
     def percentile(self, q: float) -> float | None:
         count = min(self.filled, LATENCY_WINDOW)
@@ -181,8 +185,18 @@ def _rows(job: _Job) -> int:
 
 
 def _histogram(scores: np.ndarray) -> np.ndarray:
-    bins = np.clip((scores * SCORE_BINS).astype(np.int64), 0, SCORE_BINS - 1)
+    """Counts over SCORE_BINS equal bins of [0, 1]; outside it, the end bins; NaN, the first."""
+    scaled = np.nan_to_num(scores * SCORE_BINS, nan=0.0, posinf=SCORE_BINS, neginf=0.0)
+    bins = np.clip(scaled, 0, SCORE_BINS - 1).astype(np.int64)
     return np.bincount(bins, minlength=SCORE_BINS)
+
+
+def _bin(score: float) -> int:
+    """The bin ``_histogram`` counts one score in."""
+    scaled = score * SCORE_BINS
+    if scaled != scaled:  # NaN
+        return 0
+    return int(min(max(scaled, 0.0), SCORE_BINS - 1))
 
 
 def first_scores(result: InferenceResult) -> np.ndarray:
@@ -305,19 +319,30 @@ class Rollout:
                 self._failed(job)
             return
         seconds = time.perf_counter() - started
+        # The figures of a batch are added up per model, pair and side, in one set of numpy
+        # calls: per copy, on the event loop, they cost more than scoring the copy did.
+        sides: dict[tuple[str, int, bool], tuple[list[np.ndarray], list[np.ndarray]]] = {}
         offset = 0
         for job, _, rows in valid:
             scores = flat[offset : offset + rows]
             offset += rows
-            watch = self._watch(job.model)
-            pairs = watch.pair(job.key)
-            if job.primary_scores is None:  # the primary, pairing a canary's answer
-                self._pair(pairs, job.canary_scores, scores, job.model)
+            pairing = job.primary_scores is None  # the primary, pairing a canary's answer
+            candidate: np.ndarray | None = job.canary_scores if pairing else scores
+            primary = scores if pairing else job.primary_scores
+            if not pairing:
+                self._watch(job.model).arm(mv.version).served(True, seconds, None)
+            if candidate is None or primary is None or candidate.shape != primary.shape:
+                self._watch(job.model).pair(job.key).failed += 1
                 continue
-            arm = watch.arm(mv.version)
-            arm.served(True, seconds, None)
-            arm.scored(scores)
-            self._pair(pairs, scores, job.primary_scores, job.model)
+            candidates, primaries = sides.setdefault((job.model, job.key, pairing), ([], []))
+            candidates.append(candidate)
+            primaries.append(primary)
+        for (model, key, pairing), (candidates, primaries) in sides.items():
+            watch = self._watch(model)
+            candidate = np.concatenate(candidates)
+            if not pairing:
+                watch.arm(mv.version).scored(candidate)
+            self._pair(watch.pair(key), candidate, np.concatenate(primaries), model)
 
     async def _predict(self, mv: ModelVersion, valid: list[_Valid]) -> np.ndarray:
         """The first output's first column for every copy, from one call on the runtime."""
@@ -327,7 +352,11 @@ class Rollout:
         names = valid[0][1].keys()
         merged = {n: np.concatenate([inputs[n] for _, inputs, _ in valid]) for n in names}
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="sluice-copies")
+            # Lowest priority: a copy waits (and, queue full, is dropped) rather than
+            # take CPU from the clients' requests.
+            self._pool = ThreadPoolExecutor(
+                1, thread_name_prefix="sluice-copies", initializer=lowest_thread_priority
+            )
         mv.lent += 1  # the registry releases the runtime only once this returned
         try:
             outputs = await asyncio.get_running_loop().run_in_executor(

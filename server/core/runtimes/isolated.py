@@ -19,8 +19,6 @@ cannot be compiled exits 3 with the reason as the last line of stderr.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -29,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from server.core.priority import idle_process
 from server.core.runtimes.base import CompileError, ExecutorTiming
 from server.core.signature import Datatype, Signature, TensorSpec
 
@@ -61,7 +60,7 @@ def prepare(
         with subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         ) as child:
-            _idle(child.pid)  # before its interpreter has finished starting
+            idle_process(child.pid)  # before its interpreter has finished starting
             try:
                 stdout, stderr = child.communicate(orjson.dumps(request), timeout=TIMEOUT_S)
             except subprocess.TimeoutExpired:
@@ -118,25 +117,9 @@ def _signature(doc: Mapping[str, Any]) -> Signature:
     return Signature(inputs=specs(doc["inputs"]), outputs=specs(doc["outputs"]))
 
 
-def _idle(pid: int) -> None:
-    """Run ``pid`` only on CPU time nothing else wants (SCHED_IDLE), else at the lowest nice.
-
-    Nice 19 was not enough on a core shared with the event loop: the child
-    still took whole time slices from it (p99 of 1-row requests at 2,000
-    req/s 2.4x steady while reloading). A SCHED_IDLE process is preempted as
-    soon as a normal one wakes. On a core the server saturates it waits, and
-    a preparation that waits past ``TIMEOUT_S`` serves XGBoost alone.
-    """
-    try:
-        os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):  # not Linux, or the process is gone
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, pid, 19)
-
-
 def _child() -> int:
     """Convert, check and time; the answer on stdout (see the module's docstring)."""
-    _idle(0)  # whatever it costs, the serving process comes first (again, if the parent could not)
+    idle_process(0)  # the serving process comes first (again, in case the parent could not)
     from server.core.runtimes.hybrid import compile_and_check, measure
     from server.core.runtimes.xgboost import XGBoostRuntime
 
