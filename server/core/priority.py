@@ -1,9 +1,9 @@
 """Background work at the lowest CPU priority, so that serving always comes first.
 
-On a core shared with the event loop, a reload or a shadow copy at the same
-priority takes whole time slices from it: measured on one core at 5,400
-req/s, client p99 rose 2.4x while reloading and 4x with every request
-shadowed. Linux keeps a nice value per thread, so a thread can lower its own.
+On a core shared with the event loop, a reload at the same priority takes
+whole time slices from it: measured on one core at 2,000 req/s, client p99
+rose 2.4x while reloading. Linux keeps a nice value per thread, so a thread
+can lower its own. Shadow copies run at nice 19 too (``server.core.rollout``).
 """
 
 from __future__ import annotations
