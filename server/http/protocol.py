@@ -214,6 +214,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._body_timeout_s = limits.body_timeout_s
         self._body_budget = limits.body_budget
         self._head_bytes = 0
+        self._max_head = limits.max_header_bytes
+        # A read that may hold the end of a head past the limit: the head is measured when
+        # it completes (a whole head in one read is never counted in ``_head_bytes``).
+        self._check_head = False
+        self._head_too_large = _ErrorApp(
+            431, f"request line and headers exceed {limits.max_header_bytes} bytes"
+        )
         self._body_bytes = 0  # of this connection's request in progress, in the budget
         self._parsed = 0  # messages completed on this connection
         # Reading a request line and headers (or waiting for one); else its body: the phase
@@ -325,6 +332,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             # first request's ran from the connection), on the sweeper's clock: a tick old
             # at most (a sweep without an adaptive limit), well within the sweep's slack.
             self._deadline = self._sweeper.now + self._header_timeout_s
+        if self._in_head and self._head_bytes + len(data) > self._max_head:
+            self._check_head = True  # the head may complete in this very read: measured then
         _BASE.data_received(self, data)
         if seen == self._parsed:
             if self._in_head:
@@ -332,7 +341,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                     # Counted once the chunk is parsed, and only if it completed no message
                     # and left no body in progress: httptools holds one chunk more at most.
                     self._head_bytes += len(data)
-                    if self._head_bytes > self.limits.max_header_bytes:
+                    if self._head_bytes > self._max_head:
                         self._refuse(
                             431,
                             f"request line and headers exceed {self.limits.max_header_bytes} bytes",
@@ -353,6 +362,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_bytes = 0
+        if self._check_head:
+            self._check_head = False
+            if _head_size(self.url, self.headers) > self._max_head:
+                self._started = 0.0
+                self._answer_with(self._head_too_large)
+                return
         now = time.monotonic()
         self._deadline = now + self._body_timeout_s
         limit = self._limit
@@ -379,11 +394,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         # Otherwise (a connection's first request, pipelining): uvicorn's limit_concurrency
         # in our answer's shape, the app slot swapped for this one request.
-        app, self.app = self.app, self._overloaded
+        self._answer_with(self._overloaded)
+
+    def _answer_with(self, app: Any) -> None:
+        """This one request answered by ``app`` in uvicorn's own cycle, not by the server's."""
+        served, self.app = self.app, app
         try:
             _BASE.on_headers_complete(self)
         finally:
-            self.app = app
+            self.app = served
 
     def _over_budget(self) -> None:
         self._sweeper.body_refusals += 1
@@ -438,6 +457,30 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.write(raw_response(400, "the request is not valid HTTP/1.1"))
             self.transport.close()
+
+
+def _head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+    """The bytes of a parsed request line and headers, as sent (method and version aside)."""
+    return len(url) + sum(len(name) + len(value) + 4 for name, value in headers) + 16
+
+
+class _ErrorApp:
+    """Answers ``{"error": message}`` with ``status`` and closes the connection."""
+
+    __slots__ = ("body", "status")
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        self.body = orjson.dumps({"error": message})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(self.body)).encode()),
+            (b"connection", b"close"),
+        ]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 class _OverloadedApp:

@@ -86,6 +86,32 @@ def test_oversized_headers_get_431_without_reading_them_all(server: Served) -> N
     assert body["error"] == "request line and headers exceed 8192 bytes"
 
 
+def test_oversized_headers_arriving_whole_in_one_read_get_431(server: Served) -> None:
+    # 12 KiB: one write, one read on loopback, so the head completes in the read that
+    # crosses the limit (it used to pass unmeasured); with a body after it, too.
+    pad = b"X-Pad: " + b"a" * (12 * 1024) + b"\r\n"
+    get = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + pad + b"\r\n"
+    body = b'{"inputs": []}'
+    post = (
+        b"POST /v2/models/fraud/infer HTTP/1.1\r\nHost: x\r\n"
+        + pad
+        + b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    for request in (get, post):
+        status, headers, answered = exchange(server, request)
+        assert status == 431
+        assert headers["connection"] == "close"
+        assert answered["error"] == "request line and headers exceed 8192 bytes"
+
+
+def test_headers_just_under_the_limit_are_served(server: Served) -> None:
+    pad = b"X-Pad: " + b"a" * (7 * 1024) + b"\r\n"
+    status, _, body = exchange(
+        server, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + pad + b"connection: close\r\n\r\n"
+    )
+    assert (status, body) == (200, {"live": True})
+
+
 def test_headers_that_never_end_get_408(server: Served) -> None:
     status, _, body = exchange(server, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")
     assert status == 408
