@@ -16,4 +16,5 @@ def test_rows_one_at_a_time_and_in_one_batch_fill_the_same_bins() -> None:
     batched.scored(scores)
     assert one_by_one.scores.tolist() == batched.scores.tolist()
     assert int(batched.scores.sum()) == len(scores)  # every row counted, NaN and inf too
-    assert batched.scores[0] >= 3 and batched.scores[-1] >= 4  # below 0, NaN; 1.0 and above
+    assert batched.scores[0] >= 3  # below 0, and NaN
+    assert batched.scores[-1] >= 4  # 1.0 and above
