@@ -17,6 +17,7 @@ which a sibling's ``/metrics`` collects it (``server.fleet_metrics``).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
@@ -37,6 +38,8 @@ log = logging.getLogger("sluice.workers")
 # Set by the supervisor in each worker's environment: where the workers' metrics sockets
 # live. Process plumbing between the supervisor and its children, not a setting.
 FLEET_DIR_ENV = "_SLUICE_FLEET_DIR"  # not SLUICE_*: those are settings
+SUPERVISOR_ENV = "_SLUICE_SUPERVISOR_PID"  # the process whose death stops the worker
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 EXIT_WORKER_FAILED = 1
 
 
@@ -151,7 +154,7 @@ def supervise(argv: list[str], settings: Settings, workers: int, threads_given: 
             command = [sys.executable, "-m", "server", *argv, "--worker-index", str(index)]
             if not threads_given:
                 command += ["--inference-threads", str(threads)]
-            env = {**os.environ, FLEET_DIR_ENV: str(fleet)}
+            env = {**os.environ, FLEET_DIR_ENV: str(fleet), SUPERVISOR_ENV: str(os.getpid())}
             env["OTEL_RESOURCE_ATTRIBUTES"] = _with_instance(
                 os.environ.get("OTEL_RESOURCE_ATTRIBUTES", ""), instance_id(index)
             )
@@ -213,4 +216,27 @@ def serve_worker(settings: Settings, index: int) -> int:
         level=settings.log_level.upper(),
         format=f"%(asctime)s %(levelname)s %(name)s [worker {index}]: %(message)s",
     )
+    _follow_supervisor(os.environ.get(SUPERVISOR_ENV))
     return serving.run(settings, sockets=[reuseport_socket(settings.host, settings.port)])
+
+
+def _follow_supervisor(supervisor: str | None) -> None:
+    """Have the kernel SIGTERM this worker (a drain, as the supervisor's own stop) when
+    the supervisor dies.
+
+    A supervisor killed outright (SIGKILL, the OOM killer) cannot stop its workers:
+    they went on serving the port (SO_REUSEPORT) with the old configuration, beside a
+    restarted server's workers (found in the test suite: orphans of a killed supervisor
+    still listening minutes later). Linux only (prctl); a no-op elsewhere.
+    """
+    if supervisor is None:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    if str(os.getppid()) != supervisor:  # it died before the kernel could be told
+        log.warning("the supervisor (pid %s) is gone: stopping", supervisor)
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -202,6 +202,40 @@ def test_every_worker_serves_with_the_single_process_protocol_and_tls(
         workers.stop()
 
 
+def _workers_on(port: int) -> list[int]:
+    """Pids of the worker processes serving ``port`` (their command lines say so)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        if b"--worker-index" in argv and str(port).encode() in argv:
+            found.append(int(entry.name))
+    return found
+
+
+def test_workers_of_a_supervisor_killed_outright_stop_and_free_the_port(
+    example_repo: Path, tmp_path: Path
+) -> None:
+    workers = start_workers(example_repo, tmp_path / "log", 2)
+    try:
+        assert len(_workers_on(workers.port)) == 2
+        workers.process.kill()  # SIGKILL: the supervisor can stop nobody
+        workers.process.wait()
+        deadline = time.monotonic() + 60
+        while _workers_on(workers.port) and time.monotonic() < deadline:
+            time.sleep(0.1)  # polling the workers' exit, bounded by the deadline
+        assert _workers_on(workers.port) == []
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{workers.url}/v2/health/live", timeout=5)
+    finally:
+        for pid in _workers_on(workers.port):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_the_supervisor_warns_once_about_a_public_bind_without_keys(
     tiny_repo: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
