@@ -6,7 +6,11 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import httpx
 from starlette.types import ASGIApp, Message
+
+from server.config import Settings
+from server.http.app import create_app
 
 
 @asynccontextmanager
@@ -26,3 +30,15 @@ async def lifespan(app: ASGIApp) -> AsyncIterator[None]:
         stopped = await outbox.get()
         await task
         assert stopped["type"] == "lifespan.shutdown.complete", stopped
+
+
+@asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client of Sluice's app built from ``settings``, its lifespan running."""
+    app = create_app(settings)
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        lifespan(app),
+        httpx.AsyncClient(transport=transport, base_url="http://sluice") as client,
+    ):
+        yield client

@@ -3,36 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-from asgi_support import lifespan
+from asgi_support import serving
 from monitoring_support import MODEL, build_credit, infer_body, sample
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.config import DriftSettings, Settings
-from server.http.app import create_app
 
 
 @pytest.fixture(scope="module")
 def credit_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_credit(tmp_path_factory.mktemp("credit"))
-
-
-@asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        lifespan(app),
-        httpx.AsyncClient(transport=transport, base_url="http://sluice") as client,
-    ):
-        yield client
 
 
 async def infer(client: httpx.AsyncClient, body: dict[str, Any], path: str = "") -> str:

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
-from asgi_support import lifespan
+from asgi_support import serving
 from monitoring_support import MODEL, build_credit, infer_body, sample
 
 from server.config import Settings
 from server.core.monitoring import worker
 from server.core.monitoring.buffer import Block
-from server.http.app import create_app
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +42,6 @@ def test_a_block_splits_into_whole_requests_of_about_the_rows_asked() -> None:
     np.testing.assert_array_equal(joined, np.concatenate(whole.inputs["x"]))
     small = block([2, 2])
     assert [p is small for p in small.parts(6)] == [True], "small enough: itself"
-
-
-@asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        lifespan(app),
-        httpx.AsyncClient(transport=transport, base_url="http://sluice") as client,
-    ):
-        yield client
 
 
 async def test_rows_counted_in_parts_are_each_counted_once(
