@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/python -m compileall -q server  # as pip compiles an installed package
 	touch $(STAMP)
 
 # Rebuilt whenever the training code or a model.yaml changes; byte-identical on rebuild.

@@ -28,6 +28,7 @@ resampled, or random values when there is none), then:
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import statistics
 import subprocess
@@ -44,6 +45,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import server
 from loadtest.benchmarks.readme import provenance, write_section
 from server.core.repository import ModelRepository
 from server.core.runtimes import RUNTIMES
@@ -224,6 +226,10 @@ def run_contest(
     """
     booster = next(p for p in version_dir.iterdir() if p.name in ("model.ubj", "model.json"))
     version = int(version_dir.name)
+    # Sluice's modules byte-compiled, as pip leaves an installed package: this checkout is an
+    # editable install, and where PYTHONDONTWRITEBYTECODE is set (containers often set it)
+    # every start would compile them again from source.
+    compileall.compile_dir(Path(server.__file__).parent, quiet=1)
     contest = Contest(pq.ParquetFile(data).metadata.num_rows, rounds)
     run_engine(repo, model, data, workdir, threads, None, keep_output=True)
     run_script(booster, data, workdir, threads, version, keep_output=True)

@@ -25,6 +25,11 @@ from server.batch.errors import BatchUsageError
 from server.batch.features import BadKind, BadRow
 from server.batch.job import Format
 
+# A run from the top scores its first rows in a chunk of at most this many, so they are
+# in the output (and a broken output found) a tenth of a second sooner at 65,536-row
+# chunks; the rest come at ``--chunk-rows``. Resumed runs keep the full size throughout.
+FIRST_CHUNK_ROWS = 4096
+
 
 @dataclass(frozen=True, slots=True)
 class Position:
@@ -93,6 +98,8 @@ class ParquetReader:
         self._batches: Any = iter(())
         self._skip = 0
         self._rows = 0
+        self._first = 0  # rows of the first chunk, when it is cut short
+        self._rest: pa.RecordBatch | None = None  # the first batch's rows after it
 
     def start(self, columns: Sequence[str], at: Position) -> None:
         metadata = self._file.metadata
@@ -106,6 +113,8 @@ class ParquetReader:
             offset += size
         self._skip = at.rows - begin
         self._rows = at.rows
+        self._first = FIRST_CHUNK_ROWS if at.rows == 0 else 0
+        self._rest = None
         groups = list(range(first, metadata.num_row_groups))
         self._batches = (
             self._file.iter_batches(
@@ -119,16 +128,29 @@ class ParquetReader:
         )
 
     def read(self) -> InputChunk | None:
+        batch = self._next()
+        if batch is None:
+            return None
+        if self._first:
+            if batch.num_rows > self._first:
+                batch, self._rest = batch.slice(0, self._first), batch.slice(self._first)
+            self._first = 0
+        first = self._rows
+        self._rows += batch.num_rows
+        total = self.total_rows or 1
+        return InputChunk(batch, first, [], Position(rows=self._rows), self._rows / total)
+
+    def _next(self) -> pa.RecordBatch | None:
+        if self._rest is not None:
+            batch, self._rest = self._rest, None
+            return batch
         for batch in self._batches:
             if self._skip >= batch.num_rows:
                 self._skip -= batch.num_rows
                 continue
             if self._skip:
                 batch, self._skip = batch.slice(self._skip), 0
-            first = self._rows
-            self._rows += batch.num_rows
-            total = self.total_rows or 1
-            return InputChunk(batch, first, [], Position(rows=self._rows), self._rows / total)
+            return batch
         return None
 
     def close(self) -> None:

@@ -10,6 +10,8 @@ import pyarrow as pa
 import pytest
 from batch_support import feature_table, make_repo, read_table, sluice_batch, write_table
 
+from server.batch.readers import FIRST_CHUNK_ROWS
+
 ROWS = 3_000
 FORMATS = ["parquet", "csv", "jsonl"]
 
@@ -105,3 +107,28 @@ def test_summary_json_counts_and_names_the_version(repo: Path, tmp_path: Path) -
     assert doc["output_format"] == "csv"
     assert "read 1,000 rows, scored 1,000" in result.stderr
     assert not list(tmp_path.glob("*.sluice-*")), "temporary files left behind"
+
+
+def test_a_run_from_the_top_scores_a_short_first_chunk_then_full_ones(
+    repo: Path, tmp_path: Path
+) -> None:
+    """The first rows land after FIRST_CHUNK_ROWS; every row is still scored once, in order."""
+    rows = FIRST_CHUNK_ROWS + 6_000
+    source = write_table(feature_table(rows, seed=5), tmp_path / "in.parquet")
+    runs = {}
+    for chunk in ("8000", "9000"):  # both past the compiled trees' sizes: XGBoost scores all
+        summary = tmp_path / f"summary-{chunk}.json"
+        output = tmp_path / f"out-{chunk}.parquet"
+        result = sluice_batch(
+            repo, "--model", "tree", "--input", str(source), "--output", str(output),
+            "--keep-columns", "id", "--chunk-rows", chunk, "--summary", str(summary),
+        )  # fmt: skip
+        assert result.code == 0, result.stderr
+        runs[chunk] = (read_table(output), orjson.loads(summary.read_bytes()))
+    table, doc = runs["8000"]
+    assert doc["rows"]["read"] == doc["rows"]["scored"] == rows
+    # 8,000-row batches of the file: the first cut at FIRST_CHUNK_ROWS, then its rest, then
+    # every remaining row.
+    assert doc["chunks"] == 3
+    assert table.column("id").to_pylist() == list(range(rows))
+    assert table.column("probability").equals(runs["9000"][0].column("probability"))
