@@ -98,8 +98,7 @@ class ParquetReader:
         self._batches: Any = iter(())
         self._skip = 0
         self._rows = 0
-        self._first = 0  # rows of the first chunk, when it is cut short
-        self._rest: pa.RecordBatch | None = None  # the first batch's rows after it
+        self._head: Any = None  # a run from the top: its short first chunk
 
     def start(self, columns: Sequence[str], at: Position) -> None:
         metadata = self._file.metadata
@@ -113,37 +112,36 @@ class ParquetReader:
             offset += size
         self._skip = at.rows - begin
         self._rows = at.rows
-        self._first = FIRST_CHUNK_ROWS if at.rows == 0 else 0
-        self._rest = None
         groups = list(range(first, metadata.num_row_groups))
-        self._batches = (
-            self._file.iter_batches(
-                batch_size=self._chunk_rows,
-                row_groups=groups,
-                columns=list(columns),
-                use_threads=False,
-            )
-            if groups
-            else iter(())
+        self._batches = self._iterate(groups, columns, self._chunk_rows)
+        # Read on its own, so that its few rows are all that is decoded before they are
+        # scored; the full-size batches then skip them.
+        short = at.rows == 0 and self._chunk_rows > FIRST_CHUNK_ROWS
+        self._head = self._iterate(groups[:1], columns, FIRST_CHUNK_ROWS) if short else None
+
+    def _iterate(self, groups: list[int], columns: Sequence[str], rows: int) -> Any:
+        if not groups:
+            return iter(())
+        return self._file.iter_batches(
+            batch_size=rows, row_groups=groups, columns=list(columns), use_threads=False
         )
 
     def read(self) -> InputChunk | None:
         batch = self._next()
         if batch is None:
             return None
-        if self._first:
-            if batch.num_rows > self._first:
-                batch, self._rest = batch.slice(0, self._first), batch.slice(self._first)
-            self._first = 0
         first = self._rows
         self._rows += batch.num_rows
         total = self.total_rows or 1
         return InputChunk(batch, first, [], Position(rows=self._rows), self._rows / total)
 
     def _next(self) -> pa.RecordBatch | None:
-        if self._rest is not None:
-            batch, self._rest = self._rest, None
-            return batch
+        if self._head is not None:
+            batch = next(self._head, None)
+            self._head = None
+            if batch is not None and batch.num_rows:
+                self._skip = batch.num_rows
+                return batch
         for batch in self._batches:
             if self._skip >= batch.num_rows:
                 self._skip -= batch.num_rows
