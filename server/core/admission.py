@@ -73,6 +73,10 @@ class DelayAdmission:
         self.refused += 1
         return False
 
+    def unqueued(self) -> None:
+        """A request computed without waiting in the queue: the wait is below target."""
+        self._above_since = -1.0
+
     def overdue(self, waited_s: float, now: float) -> bool:
         """At dequeue: True refuses a request that waited past the target, once they have
         for ``INTERVAL_S``."""

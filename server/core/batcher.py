@@ -287,6 +287,8 @@ class MicroBatcher:
     ) -> Tensors:
         if self._loop_task is None:
             raise RuntimeFailure("batcher is not running")
+        if self._idle() and self._tracing is None:
+            return await self._alone(inputs, rows, deadline)
         future: asyncio.Future[Tensors] = asyncio.get_running_loop().create_future()
         caller = self._tracing.capture() if self._tracing is not None else None
         item = _Item(inputs, rows, future, self._now(), deadline, caller)
@@ -314,6 +316,45 @@ class MicroBatcher:
         self._queued_rows += rows
         self._wake.set()
         return await future
+
+    async def _alone(self, inputs: Tensors, rows: int, deadline: float | None) -> Tensors:
+        """A request that found the batcher idle, computed as a batch of its own.
+
+        What ``_execute`` does for a batch of one, without the item, its future and
+        the per-batch bookkeeping of several callers: at one client this path is
+        every request (in process, 1-row fraud: batching on cost 7 us a request more
+        than off through ``_execute``). Not queued, so nothing to admit; it counts
+        as a batch in flight, so requests arriving meanwhile queue behind it.
+        """
+        await self._slots.acquire()  # free: nothing is in flight
+        self._in_flight += 1
+        self._admission.unqueued()
+        try:
+            if deadline is not None and self._now() > deadline:
+                raise DeadlineExceeded("request timed out before compute started")
+            try:
+                if rows <= self._inline_rows:
+                    outputs, compute_ns = _timed(self._compute, inputs)
+                else:
+                    outputs, compute_ns = await asyncio.get_running_loop().run_in_executor(
+                        self._executor, _timed, self._compute, inputs
+                    )
+                _check_rows(outputs, rows)
+            except ServingError:
+                self._observe(BatchRecord(rows, 1, (0.0,), 0, ok=False))
+                raise
+            except Exception as exc:
+                self._observe(BatchRecord(rows, 1, (0.0,), 0, ok=False))
+                raise RuntimeFailure(f"model raised {type(exc).__name__}: {exc}") from exc
+            self._admission.computed(compute_ns / 1e9)
+            self._observe(BatchRecord(rows, 1, (0.0,), compute_ns, ok=True))
+            return outputs
+        finally:
+            self._in_flight -= 1
+            self._slots.release()
+            self._wake.set()
+            if self._closing:
+                self._settled.set()
 
     def _idle(self) -> bool:
         return (
