@@ -350,11 +350,7 @@ class MicroBatcher:
             self._observe(BatchRecord(rows, 1, (0.0,), compute_ns, ok=True))
             return outputs
         finally:
-            self._in_flight -= 1
-            self._slots.release()
-            self._wake.set()
-            if self._closing:
-                self._settled.set()
+            self._finished()
 
     def _idle(self) -> bool:
         return (
@@ -411,11 +407,15 @@ class MicroBatcher:
             if live:
                 await self._compute_batch(live)
         finally:
-            self._in_flight -= 1
-            self._slots.release()
-            self._wake.set()
-            if self._closing:
-                self._settled.set()
+            self._finished()
+
+    def _finished(self) -> None:
+        """A batch in flight is done: its slot is free, and the loop and close() may go on."""
+        self._in_flight -= 1
+        self._slots.release()
+        self._wake.set()
+        if self._closing:
+            self._settled.set()
 
     def _live(self, batch: list[_Item]) -> list[_Item]:
         now = self._now()
