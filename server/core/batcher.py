@@ -1,98 +1,38 @@
-"""Dispatchers: how validated requests reach a runtime.
+"""``MicroBatcher``: concurrent requests concatenated along the batch dimension.
 
-``MicroBatcher`` concatenates concurrent requests along the batch dimension;
-``DirectDispatcher`` runs each request on its own. Both bound their queue and
-raise ``Overloaded`` instead of letting latency grow without limit, and both
-run the model in the inference thread pool, never on the event loop, except a
-batch of at most ``inline_rows`` rows: one the runtime measured at load to cost
-less than the hand-off to a thread (``Executors.inline_rows``). A request
-whose deadline passes before compute starts fails with ``DeadlineExceeded``;
-time is read and waited on through a ``Clock`` (real monotonic time by default).
+The dispatcher contract it keeps, and ``DirectDispatcher`` for models that do
+not batch, are ``server.core.dispatch``; a batch of at most ``inline_rows``
+rows runs on the event loop, any other in the inference thread pool.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 from opentelemetry.trace import SpanContext
 
 from server.core.admission import DelayAdmission
+from server.core.dispatch import (
+    MONOTONIC,
+    BatchObserver,
+    BatchRecord,
+    Clock,
+    Compute,
+    Tensors,
+    check_rows,
+    timed,
+)
 from server.core.monitoring.tracing import BatchTracing
 from server.errors import DeadlineExceeded, Overloaded, RuntimeFailure, ServingError
 
-Tensors = dict[str, np.ndarray]
 # A request larger than this is computed in pieces of this many rows (or of a batch, if
 # larger), queued one after another, so that it never holds the model for seconds while
 # others wait (XGBoost at 4,096 rows: milliseconds). A fixed count, not a time: the same
 # request is always cut the same way, so its answer does not depend on the load.
 SPLIT_ROWS = 4096
-Compute = Callable[[Mapping[str, np.ndarray]], Tensors]
-
-
-class Clock(Protocol):
-    """The time a dispatcher reads and waits on; deadlines are on this clock."""
-
-    def now(self) -> float:
-        """Seconds on a monotonic scale."""
-        ...
-
-    async def wait(self, event: asyncio.Event, deadline: float) -> bool:
-        """Wait until ``event`` is set (True) or this clock reaches ``deadline`` (False)."""
-        ...
-
-
-class MonotonicClock:
-    """Real time: ``time.monotonic()``, which is also what the event loop's timers use."""
-
-    __slots__ = ()
-
-    # The builtin itself, not a method wrapping it: read once per request on the hot path.
-    now = staticmethod(time.monotonic)
-
-    async def wait(self, event: asyncio.Event, deadline: float) -> bool:
-        """Wait until ``event`` is set (True) or ``time.monotonic()`` reaches ``deadline``."""
-        try:
-            await asyncio.wait_for(event.wait(), deadline - time.monotonic())
-        except TimeoutError:
-            return False
-        return True
-
-
-MONOTONIC = MonotonicClock()
-
-
-@dataclass(slots=True, frozen=True)
-class BatchRecord:
-    """What one model execution did; handed to the stats observer."""
-
-    rows: int
-    requests: int
-    queue_s: tuple[float, ...]
-    compute_ns: int
-    ok: bool
-
-
-BatchObserver = Callable[[BatchRecord], None]
-
-
-class Dispatcher(Protocol):
-    """How a validated request reaches a runtime: the batcher, the direct runner, or a
-    wrapper around one of them (the result cache) with the same contract."""
-
-    @property
-    def depth(self) -> int: ...
-
-    async def submit(
-        self, inputs: Tensors, rows: int, deadline: float | None = None
-    ) -> Tensors: ...
-
-    async def close(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -103,97 +43,6 @@ class _Item:
     enqueued_at: float
     deadline: float | None = field(default=None)
     caller: SpanContext | None = None  # the request's span, when tracing
-
-
-def _timed(compute: Compute, inputs: Mapping[str, np.ndarray]) -> tuple[Tensors, int]:
-    started = time.perf_counter_ns()
-    outputs = compute(inputs)
-    return outputs, time.perf_counter_ns() - started
-
-
-def _timed_before(
-    compute: Compute,
-    inputs: Mapping[str, np.ndarray],
-    deadline: float | None,
-    now: Callable[[], float],
-) -> tuple[Tensors, int]:
-    # Checked in the worker thread: the request may have waited in the pool's queue.
-    if deadline is not None and now() > deadline:
-        raise DeadlineExceeded("request timed out before compute started")
-    started = time.perf_counter_ns()
-    outputs = compute(inputs)
-    return outputs, time.perf_counter_ns() - started
-
-
-class DirectDispatcher:
-    """One model execution per request, with a bound on requests in flight."""
-
-    def __init__(
-        self,
-        compute: Compute,
-        executor: Executor,
-        max_pending: int,
-        observer: BatchObserver | None = None,
-        clock: Clock = MONOTONIC,
-        tracing: BatchTracing | None = None,
-        inline_rows: int = 0,
-    ) -> None:
-        self._compute = compute
-        self._executor = executor
-        self._inline_rows = inline_rows
-        self._max_pending = max_pending
-        self._pending = 0
-        self._observer = observer
-        self._now = clock.now
-        self._tracing = tracing
-
-    @property
-    def depth(self) -> int:
-        """Requests accepted and not yet answered."""
-        return self._pending
-
-    async def submit(self, inputs: Tensors, rows: int, deadline: float | None = None) -> Tensors:
-        """Run the model on this request alone, unless its deadline passes first."""
-        if self._pending >= self._max_pending:
-            raise Overloaded(f"too many requests in flight ({self._max_pending}); retry shortly")
-        self._pending += 1
-        loop = asyncio.get_running_loop()
-        span = self._tracing.start(rows, (self._tracing.capture(),)) if self._tracing else None
-        error: BaseException | None = None
-        try:
-            if rows <= self._inline_rows:
-                # Measured at load to cost less than the hand-off to a thread (see
-                # Executors.inline_rows): run on the loop, which it stalls for as long.
-                outputs, compute_ns = _timed_before(self._compute, inputs, deadline, self._now)
-            else:
-                outputs, compute_ns = await loop.run_in_executor(
-                    self._executor, _timed_before, self._compute, inputs, deadline, self._now
-                )
-            _check_rows(outputs, rows)
-        except DeadlineExceeded as exc:
-            error = exc  # the model never ran: no execution to record
-            raise
-        except ServingError as exc:
-            error = exc
-            self._observe(rows, 0, ok=False)
-            raise
-        except Exception as exc:
-            error = exc
-            self._observe(rows, 0, ok=False)
-            raise RuntimeFailure(f"model raised {type(exc).__name__}: {exc}") from exc
-        finally:
-            self._pending -= 1
-            if span is not None:
-                BatchTracing.end(span, error)
-        self._observe(rows, compute_ns, ok=True)
-        return outputs
-
-    def _observe(self, rows: int, compute_ns: int, ok: bool) -> None:
-        if self._observer is not None:
-            self._observer(BatchRecord(rows, 1, (0.0,), compute_ns, ok))
-
-    async def close(self) -> None:
-        """Nothing is queued here: in-flight requests finish with their callers."""
 
 
 class MicroBatcher:
@@ -287,19 +136,11 @@ class MicroBatcher:
     ) -> Tensors:
         if self._loop_task is None:
             raise RuntimeFailure("batcher is not running")
-        if self._idle() and self._tracing is None:
+        if self._idle():
             return await self._alone(inputs, rows, deadline)
         future: asyncio.Future[Tensors] = asyncio.get_running_loop().create_future()
         caller = self._tracing.capture() if self._tracing is not None else None
         item = _Item(inputs, rows, future, self._now(), deadline, caller)
-        if self._idle():
-            # Nothing queued, forming or running: this request is the whole batch. Run it
-            # from the caller's task, without the hops through the batching loop and a new
-            # task (one client: p50 +14 % with batching on before this, within noise after).
-            await self._slots.acquire()  # free: nothing is in flight
-            self._in_flight += 1
-            await self._execute([item])
-            return await future
         admission = self._admission
         if admit and not admission.admits(self._queued_rows + rows, self._max_rows):
             wait = admission.predicted_wait(self._queued_rows + rows, self._max_rows)
@@ -318,39 +159,52 @@ class MicroBatcher:
         return await future
 
     async def _alone(self, inputs: Tensors, rows: int, deadline: float | None) -> Tensors:
-        """A request that found the batcher idle, computed as a batch of its own.
+        """A request that found the batcher idle (nothing queued, forming or running),
+        computed as a batch of its own from the caller's task.
 
-        What ``_execute`` does for a batch of one, without the item, its future and
-        the per-batch bookkeeping of several callers: at one client this path is
-        every request (in process, 1-row fraud: batching on cost 7 us a request more
-        than off through ``_execute``). Not queued, so nothing to admit; it counts
-        as a batch in flight, so requests arriving meanwhile queue behind it.
+        No hop through the batching loop, no item or future, none of the bookkeeping of
+        several callers: at one client this is every request (in process, 1-row fraud:
+        through the loop's path batching on cost 7 us a request more than off, through
+        this one nothing). Not queued, so nothing to admit; it counts as a batch in
+        flight, so requests arriving meanwhile queue behind it.
         """
         await self._slots.acquire()  # free: nothing is in flight
         self._in_flight += 1
         self._admission.unqueued()
+        span = None
+        error: BaseException | None = None
         try:
             if deadline is not None and self._now() > deadline:
                 raise DeadlineExceeded("request timed out before compute started")
+            if self._tracing is not None:
+                span = self._tracing.start(rows, (self._tracing.capture(),))
             try:
-                if rows <= self._inline_rows:
-                    outputs, compute_ns = _timed(self._compute, inputs)
-                else:
-                    outputs, compute_ns = await asyncio.get_running_loop().run_in_executor(
-                        self._executor, _timed, self._compute, inputs
-                    )
-                _check_rows(outputs, rows)
-            except ServingError:
-                self._observe(BatchRecord(rows, 1, (0.0,), 0, ok=False))
-                raise
+                outputs, compute_ns = await self._computed(inputs, rows)
             except Exception as exc:
+                error = exc
                 self._observe(BatchRecord(rows, 1, (0.0,), 0, ok=False))
+                if isinstance(exc, ServingError):
+                    raise
                 raise RuntimeFailure(f"model raised {type(exc).__name__}: {exc}") from exc
             self._admission.computed(compute_ns / 1e9)
             self._observe(BatchRecord(rows, 1, (0.0,), compute_ns, ok=True))
             return outputs
         finally:
+            if span is not None:
+                BatchTracing.end(span, error)
             self._finished()
+
+    async def _computed(self, inputs: Tensors, rows: int) -> tuple[Tensors, int]:
+        """The model's outputs for ``rows`` rows and the nanoseconds it took."""
+        if rows <= self._inline_rows:
+            # Cheaper than the thread hand-off, as measured at load: on the loop.
+            outputs, compute_ns = timed(self._compute, inputs)
+        else:
+            outputs, compute_ns = await asyncio.get_running_loop().run_in_executor(
+                self._executor, timed, self._compute, inputs
+            )
+        check_rows(outputs, rows)
+        return outputs, compute_ns
 
     def _idle(self) -> bool:
         return (
@@ -449,19 +303,11 @@ class MicroBatcher:
         else:
             names = live[0].inputs.keys()
             merged = {n: np.concatenate([item.inputs[n] for item in live]) for n in names}
-        loop = asyncio.get_running_loop()
         span = None
         if self._tracing is not None:
             span = self._tracing.start(total, [item.caller for item in live])
         try:
-            if total <= self._inline_rows:
-                # Cheaper than the thread hand-off, as measured at load: on the loop.
-                outputs, compute_ns = _timed(self._compute, merged)
-            else:
-                outputs, compute_ns = await loop.run_in_executor(
-                    self._executor, _timed, self._compute, merged
-                )
-            _check_rows(outputs, total)
+            outputs, compute_ns = await self._computed(merged, total)
         except Exception as exc:
             if span is not None:
                 BatchTracing.end(span, exc)
@@ -507,12 +353,3 @@ class MicroBatcher:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
             self._loop_task = None
-
-
-def _check_rows(outputs: Mapping[str, np.ndarray], rows: int) -> None:
-    for name, out in outputs.items():
-        if out.ndim == 0 or out.shape[0] != rows:
-            raise RuntimeFailure(
-                f"model returned {0 if out.ndim == 0 else out.shape[0]} rows for output "
-                f"'{name}' but was given {rows}"
-            )

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.core.batcher import Dispatcher, Tensors
+from server.core.dispatch import Dispatcher, Tensors
 from server.core.model_config import CacheConfig
 from server.core.rowcache import CacheCounters, Row, RowLayout, RowLRU
 from server.core.stats import VersionStats

@@ -22,15 +22,11 @@ from typing import Protocol
 
 from opentelemetry.trace import Tracer
 
-from server.core.batcher import (
-    BatchRecord,
-    DirectDispatcher,
-    Dispatcher,
-    MicroBatcher,
-)
+from server.core.batcher import MicroBatcher
 from server.core.breaker import BreakerEvent, BreakerListener, BreakerState, CircuitBreaker
 from server.core.cache import CachedDispatcher
 from server.core.catalog import VersionState
+from server.core.dispatch import BatchRecord, DirectDispatcher, Dispatcher
 from server.core.model_config import ModelConfig
 from server.core.monitoring.tracing import BatchTracing
 from server.core.priority import lowest_thread_priority

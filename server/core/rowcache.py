@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 import numpy as np
 import orjson
 
-from server.core.batcher import Tensors
+from server.core.dispatch import Tensors
 from server.core.model_config import CacheConfig
 from server.errors import RuntimeFailure
 

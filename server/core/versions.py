@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from server.core.batcher import Tensors
 from server.core.catalog import VersionState
+from server.core.dispatch import Tensors
 from server.core.runtimes import Runtime, SignatureMismatch
 from server.core.signature import FLOAT_TYPES, Signature
 from server.errors import RuntimeFailure, ServingError

@@ -11,7 +11,8 @@ import pytest
 from test_batcher import FakeClock, FakeModel, executor, rows
 
 from server.core.admission import FLOOR_S, DelayAdmission
-from server.core.batcher import BatchRecord, MicroBatcher
+from server.core.batcher import MicroBatcher
+from server.core.dispatch import BatchRecord
 from server.errors import Overloaded
 
 __all__ = ["executor"]  # the fixture, shared with the batcher tests

@@ -12,13 +12,8 @@ from typing import ParamSpec, TypeVar
 import numpy as np
 import pytest
 
-from server.core.batcher import (
-    MONOTONIC,
-    BatchRecord,
-    Clock,
-    DirectDispatcher,
-    MicroBatcher,
-)
+from server.core.batcher import MicroBatcher
+from server.core.dispatch import MONOTONIC, BatchRecord, Clock, DirectDispatcher
 from server.errors import DeadlineExceeded, Overloaded, RuntimeFailure
 
 P = ParamSpec("P")

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from server.core.batcher import Tensors
 from server.core.cache import CachedDispatcher
+from server.core.dispatch import Tensors
 from server.core.model_config import CacheConfig
 from server.core.stats import VersionStats
 from server.errors import DeadlineExceeded, RuntimeFailure

@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from server.core.batcher import DirectDispatcher, MicroBatcher
+from server.core.batcher import MicroBatcher
+from server.core.dispatch import DirectDispatcher
 from server.core.runtimes.base import ExecutorTiming
 from server.core.runtimes.hybrid import INLINE_BUDGET_US, inline_rows
 

@@ -15,7 +15,7 @@ from opentelemetry.trace import Link, SpanContext, TraceFlags
 
 from server import __version__
 from server.config import ConfigError, Settings, TelemetrySettings, load_settings
-from server.core.batcher import BatchRecord
+from server.core.dispatch import BatchRecord
 from server.core.monitoring.metrics import ServingMetrics
 from server.core.stats import VersionStats
 from server.telemetry import (

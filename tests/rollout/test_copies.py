@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from server.core.batcher import DirectDispatcher
 from server.core.catalog import VersionState
+from server.core.dispatch import DirectDispatcher
 from server.core.model_config import ModelConfig
 from server.core.registry import ModelVersion
 from server.core.rollout import Rollout

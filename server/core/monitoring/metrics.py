@@ -21,9 +21,9 @@ from typing import Any, Protocol
 
 from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
 
-from server.core.batcher import BatchRecord
 from server.core.breaker import STATE_CODES
 from server.core.cache import CachedDispatcher
+from server.core.dispatch import BatchRecord
 from server.core.monitoring.drift import STATUS_CODES, Status
 from server.core.monitoring.histogram import HistogramFactory, HistogramSeries, LocalHistogram
 from server.core.registry import ModelRegistry, ModelVersion
