@@ -36,16 +36,15 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from server.http.overload import TICK_S, AdaptiveLimit
+from server.http.refusals import raw_response, refusals
+from server.http.sweeper import Sweeper
 
 log = logging.getLogger("sluice.http")
 
-SWEEP_S = 1.0
 # A request that arrives whole in one read smaller than this is not counted in the body
 # budget: what those hold is bounded by max_concurrent_requests x this (64 MiB at the
 # defaults), and counting it would cost every small request.
@@ -67,118 +66,8 @@ class ConnectionLimits:
     body_budget: int = 256 * 1024 * 1024
 
 
-def raw_response(status: int, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
-    """A complete ``{"error": ...}`` answer that closes the connection, as bytes."""
-    body = orjson.dumps({"error": message})
-    head = [
-        STATUS_LINE[status],
-        b"content-type: application/json\r\n",
-        b"content-length: " + str(len(body)).encode() + b"\r\n",
-        b"connection: close\r\n",
-    ]
-    head += [name + b": " + value + b"\r\n" for name, value in extra]
-    return b"".join([*head, b"\r\n", body])
-
-
-_BUSY = orjson.dumps({"error": "the server is answering too many requests; retry shortly"})
-_OVERLOADED = b"".join(
-    [
-        STATUS_LINE[503],
-        b"content-type: application/json\r\n",
-        b"content-length: %d\r\n" % len(_BUSY),
-        b"retry-after: 1\r\n\r\n",
-        _BUSY,
-    ]
-)
-
-
-async def _overloaded(scope: Any, receive: Any, send: Any, *, retry_after: bytes) -> None:
-    body = _BUSY
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 503,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"retry-after", retry_after),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-class _Sweeper:
-    """Once a second, cuts off the connections of one server past their deadline; every
-    ``TICK_S`` moves the adaptive limit on requests in progress."""
-
-    def __init__(
-        self, connections: set[Any], loop: asyncio.AbstractEventLoop, limits: ConnectionLimits
-    ) -> None:
-        self._connections = connections
-        self._loop = loop
-        self.body_bytes = 0  # received and held by requests in progress, all connections
-        self.body_refusals = 0  # since the last sweep, which logs them
-        self._budget = limits.body_budget
-        # Bodies of connections lost while their app still ran: charged until it returns.
-        self._held: list[tuple[Any, int]] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._ticker: asyncio.TimerHandle | None = None
-        # A fixed limit when there is no target: the same object, never moved.
-        self.limit = AdaptiveLimit(limits.target_latency_s, limits.max_concurrent_requests)
-        self._adaptive = limits.target_latency_s is not None
-        # The clock as of the last tick or sweep, for deadlines (seconds long, checked once
-        # a second): no clock read per request.
-        self.now = self._ticked = time.monotonic()
-
-    def ensure(self) -> None:
-        if self._timer is None:
-            self._timer = self._loop.call_later(SWEEP_S, self._sweep)
-        if self._ticker is None and self._adaptive:
-            self._ticker = self._loop.call_later(TICK_S, self._tick)
-
-    def _tick(self) -> None:
-        self._ticker = None
-        now = self.now = time.monotonic()
-        self.limit.adjust(now - self._ticked)
-        self._ticked = now
-        if self._connections:
-            self._ticker = self._loop.call_later(TICK_S, self._tick)
-
-    def hold(self, cycle: Any, size: int) -> None:
-        """``size`` body bytes stay charged until ``cycle``'s app has returned."""
-        self._held.append((cycle, size))
-        self.ensure()
-
-    def _sweep(self) -> None:
-        self._timer = None
-        now = self.now = time.monotonic()
-        for connection in list(self._connections):
-            if isinstance(connection, GuardedHttpProtocol):
-                connection.check_deadline(now)
-        if self.body_refusals:
-            log.warning(
-                "refused %d request(s): the bodies of requests in progress would exceed "
-                "limits.max_body_bytes_in_flight (%d bytes)",
-                self.body_refusals,
-                self._budget,
-            )
-            self.body_refusals = 0
-        if self._held:
-            running = []
-            for cycle, size in self._held:
-                # uvicorn's run_asgi swaps on_response for a no-op once the app returned.
-                if getattr(cycle.on_response, "__self__", None) is None:
-                    self.body_bytes -= size
-                else:
-                    running.append((cycle, size))
-            self._held = running
-        if self._connections or self._held:
-            self.ensure()
-
-
 _BASE = HttpToolsProtocol
-_SWEEPERS: weakref.WeakKeyDictionary[ServerState, _Sweeper] = weakref.WeakKeyDictionary()
+_SWEEPERS: weakref.WeakKeyDictionary[ServerState, Sweeper] = weakref.WeakKeyDictionary()
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
@@ -197,7 +86,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.limits = limits
         sweeper = _SWEEPERS.get(server_state)
         if sweeper is None:
-            sweeper = _SWEEPERS[server_state] = _Sweeper(self.connections, self.loop, limits)
+            sweeper = _SWEEPERS[server_state] = Sweeper(self.connections, self.loop, limits)
         self._sweeper = sweeper
         self._limit = sweeper.limit
         self._started = 0.0  # when the current request's headers were in; 0: not measured
@@ -205,10 +94,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         # pipelined), in the limit's count of requests in progress.
         self._active = 0
         self._refused = False  # the current request was refused without a cycle
-        self._overloaded = _OverloadedApp(limits.retry_after_s)
-        self._overloaded_bytes = _OVERLOADED.replace(
-            b"retry-after: 1\r\n", b"retry-after: %d\r\n" % limits.retry_after_s
-        )
+        self._refusals = refusals(limits.retry_after_s, limits.max_header_bytes)
         # Read on every request: kept on the instance, one attribute lookup instead of two.
         self._header_timeout_s = limits.header_timeout_s
         self._body_timeout_s = limits.body_timeout_s
@@ -218,9 +104,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         # A read that may hold the end of a head past the limit: the head is measured when
         # it completes (a whole head in one read is never counted in ``_head_bytes``).
         self._check_head = False
-        self._head_too_large = _ErrorApp(
-            431, f"request line and headers exceed {limits.max_header_bytes} bytes"
-        )
         self._body_bytes = 0  # of this connection's request in progress, in the budget
         self._parsed = 0  # messages completed on this connection
         # Reading a request line and headers (or waiting for one); else its body: the phase
@@ -342,10 +225,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                     # and left no body in progress: httptools holds one chunk more at most.
                     self._head_bytes += len(data)
                     if self._head_bytes > self._max_head:
-                        self._refuse(
-                            431,
-                            f"request line and headers exceed {self.limits.max_header_bytes} bytes",
-                        )
+                        self._refuse(431, self._refusals.head_message)
                 return
         elif len(data) < WHOLE_BYTES:
             return  # a whole small request in one read: not counted (see WHOLE_BYTES)
@@ -366,7 +246,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._check_head = False
             if _head_size(self.url, self.headers) > self._max_head:
                 self._started = 0.0
-                self._answer_with(self._head_too_large)
+                self._answer_with(self._refusals.head_too_large)
                 return
         now = time.monotonic()
         self._deadline = now + self._body_timeout_s
@@ -389,12 +269,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             # The cheapest refusal: the answer written at once, no task, no cycle; the body
             # that follows is dropped by the base class (its cycle is complete), and the
             # connection stays open for the client's retry.
-            self.transport.write(self._overloaded_bytes)  # the body deadline still holds
+            self.transport.write(self._refusals.overloaded_bytes)  # the body deadline still holds
             self._refused = True
             return
         # Otherwise (a connection's first request, pipelining): uvicorn's limit_concurrency
         # in our answer's shape, the app slot swapped for this one request.
-        self._answer_with(self._overloaded)
+        self._answer_with(self._refusals.overloaded)
 
     def _answer_with(self, app: Any) -> None:
         """This one request answered by ``app`` in uvicorn's own cycle, not by the server's."""
@@ -462,32 +342,3 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 def _head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
     """The bytes of a parsed request line and headers, as sent (method and version aside)."""
     return len(url) + sum(len(name) + len(value) + 4 for name, value in headers) + 16
-
-
-class _ErrorApp:
-    """Answers ``{"error": message}`` with ``status`` and closes the connection."""
-
-    __slots__ = ("body", "status")
-
-    def __init__(self, status: int, message: str) -> None:
-        self.status = status
-        self.body = orjson.dumps({"error": message})
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(self.body)).encode()),
-            (b"connection", b"close"),
-        ]
-        await send({"type": "http.response.start", "status": self.status, "headers": headers})
-        await send({"type": "http.response.body", "body": self.body})
-
-
-class _OverloadedApp:
-    __slots__ = ("retry_after",)
-
-    def __init__(self, retry_after_s: int) -> None:
-        self.retry_after = str(retry_after_s).encode()
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await _overloaded(scope, receive, send, retry_after=self.retry_after)
