@@ -7,10 +7,10 @@ the GIL and the CPU the event loop and the inference threads need. So the
 child (``python -m server.core.runtimes.isolated``, run only on CPU time
 nothing else wants: SCHED_IDLE) does all of it and hands back the ONNX bytes,
 the parity figure and the timings; the serving process only opens an ONNX
-Runtime session over the bytes. The child scores with the same libraries on the same rows, so its
-parity figure is the one this process would measure; its timings are taken
-at low priority on a busy machine, which the median of alternating calls
-mostly shrugs off.
+Runtime session over the bytes. The child scores with the same libraries on
+the same rows, so its parity figure is the one this process would measure;
+its timings are taken at low priority on a busy machine, which the median of
+alternating calls mostly shrugs off.
 
 Protocol: the request is JSON on stdin; the answer on stdout is a 4-byte
 big-endian header length, a JSON header and the ONNX bytes. A version that
