@@ -171,6 +171,12 @@ class MicroBatcher:
         await self._slots.acquire()  # free: nothing is in flight
         self._in_flight += 1
         self._admission.unqueued()
+        if rows <= self._inline_rows:
+            # To be computed on the loop, which nothing else can use meanwhile: first let
+            # the requests read in this same loop iteration reach submit, so they queue
+            # behind this one as one batch instead of each computing alone (64 clients:
+            # 10.4k req/s without this yield, 16.4k with it, as with no inline compute).
+            await asyncio.sleep(0)
         span = None
         error: BaseException | None = None
         try:

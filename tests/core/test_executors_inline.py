@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -69,3 +70,26 @@ def test_only_calls_within_the_budget_qualify() -> None:
     )
     assert inline_rows(timings) == 2
     assert inline_rows((ExecutorTiming("compiled", 1, INLINE_BUDGET_US * 3),)) == 0
+
+
+async def test_requests_arriving_together_form_one_batch_when_computed_on_the_loop() -> None:
+    # The first finds the batcher idle and would compute alone at once; the others, read
+    # in the same loop iteration, must join one batch behind it, not compute one by one.
+    model = ThreadRecorder()
+    with ThreadPoolExecutor(1) as pool:
+        batcher = MicroBatcher(
+            model,
+            pool,
+            max_batch_size=64,
+            max_queue_delay_s=0.001,
+            max_queue_size=64,
+            max_batches_in_flight=1,
+            inline_rows=1,
+        )
+        batcher.start()
+        bodies = [{"x": np.full((1, 2), i, dtype=np.float32)} for i in range(16)]
+        outs = await asyncio.gather(*(batcher.submit(b, 1) for b in bodies))
+        await batcher.close()
+    for body, out in zip(bodies, outs, strict=True):
+        np.testing.assert_array_equal(out["y"], body["x"][:, 0] * 2)
+    assert [n for n, _ in model.threads] == [1, 15]
