@@ -32,22 +32,27 @@ def rows(n: int) -> dict[str, np.ndarray]:
     return {"x": np.arange(n * 2, dtype=np.float32).reshape(n, 2)}
 
 
+def started_batcher(model: ThreadRecorder, pool: ThreadPoolExecutor, inline: int) -> MicroBatcher:
+    batcher = MicroBatcher(
+        model,
+        pool,
+        max_batch_size=64,
+        max_queue_delay_s=0.001,
+        max_queue_size=64,
+        max_batches_in_flight=1,
+        inline_rows=inline,
+    )
+    batcher.start()
+    return batcher
+
+
 @pytest.mark.parametrize("kind", ["batcher", "direct"])
 async def test_small_batches_run_on_the_loop_and_large_ones_in_the_pool(kind: str) -> None:
     model = ThreadRecorder()
     with ThreadPoolExecutor(1) as pool:
         dispatcher: MicroBatcher | DirectDispatcher
         if kind == "batcher":
-            dispatcher = MicroBatcher(
-                model,
-                pool,
-                max_batch_size=64,
-                max_queue_delay_s=0.001,
-                max_queue_size=16,
-                max_batches_in_flight=1,
-                inline_rows=2,
-            )
-            dispatcher.start()
+            dispatcher = started_batcher(model, pool, inline=2)
         else:
             dispatcher = DirectDispatcher(model, pool, 16, inline_rows=2)
         for n in (1, 2, 3):
@@ -77,16 +82,7 @@ async def test_requests_arriving_together_form_one_batch_when_computed_on_the_lo
     # in the same loop iteration, must join one batch behind it, not compute one by one.
     model = ThreadRecorder()
     with ThreadPoolExecutor(1) as pool:
-        batcher = MicroBatcher(
-            model,
-            pool,
-            max_batch_size=64,
-            max_queue_delay_s=0.001,
-            max_queue_size=64,
-            max_batches_in_flight=1,
-            inline_rows=1,
-        )
-        batcher.start()
+        batcher = started_batcher(model, pool, inline=1)
         bodies = [{"x": np.full((1, 2), i, dtype=np.float32)} for i in range(16)]
         outs = await asyncio.gather(*(batcher.submit(b, 1) for b in bodies))
         await batcher.close()
