@@ -169,7 +169,12 @@ class Steering:
         return self.view(name)
 
     async def promote(
-        self, name: str, actor: str, reason: str = "", figures: Any = None
+        self,
+        name: str,
+        actor: str,
+        reason: str = "",
+        figures: Any = None,
+        last: Verdict | None = None,
     ) -> TrafficView:
         doc = self._router.traffic(name)
         if doc.canary is None:
@@ -183,19 +188,25 @@ class Steering:
             update={"primary": doc.canary.version, "canary": None, "fallback": fallback}
         )
         why = reason or f"promoted by {actor}"
-        await self._apply(name, promoted, Status(RolloutState.PROMOTED, -1, why))
+        await self._apply(name, promoted, Status(RolloutState.PROMOTED, -1, why, last))
         self._record(actor, "promote", name, int(doc.canary.version), why, figures or {})
         return self.view(name)
 
     async def rollback(
-        self, name: str, actor: str, reason: str = "", figures: Any = None
+        self,
+        name: str,
+        actor: str,
+        reason: str = "",
+        figures: Any = None,
+        last: Verdict | None = None,
     ) -> TrafficView:
         doc = self._router.traffic(name)
         if doc.canary is None:
             raise InvalidInput(f"model '{name}' has no canary to roll back")
         stopped = doc.model_copy(update={"canary": Canary(version=doc.canary.version, weight=0)})
         why = reason or f"rolled back by {actor}"
-        await self._apply(name, stopped, Status(RolloutState.ROLLED_BACK, -1, why))
+        # ``last`` in the new status itself: a reader never sees the rollback without it.
+        await self._apply(name, stopped, Status(RolloutState.ROLLED_BACK, -1, why, last))
         self._record(actor, "rollback", name, int(doc.canary.version), why, figures or {})
         return self.view(name)
 
@@ -363,8 +374,7 @@ class Steering:
         due = self._clock() - status.step_started >= analysis.interval_s
         figures = {"verdict": verdict.verdict, "reasons": list(verdict.reasons)}
         if verdict.verdict == "breach":
-            await self.rollback(name, "analysis", "; ".join(verdict.reasons), figures)
-            self.rollout.status[name].last = verdict
+            await self.rollback(name, "analysis", "; ".join(verdict.reasons), figures, verdict)
             return
         if not due:
             return
@@ -375,8 +385,7 @@ class Steering:
         steps = analysis.steps
         following = [s for s in steps if s > canary.weight]
         if not following:
-            await self.promote(name, "analysis", "every step held its limits", figures)
-            self.rollout.status[name].last = verdict
+            await self.promote(name, "analysis", "every step held its limits", figures, verdict)
             return
         moved = doc.model_copy(
             update={"canary": Canary(version=canary.version, weight=following[0])}
