@@ -106,9 +106,7 @@ def timed_before(
     # Checked in the worker thread: the request may have waited in the pool's queue.
     if deadline is not None and now() > deadline:
         raise DeadlineExceeded("request timed out before compute started")
-    started = time.perf_counter_ns()
-    outputs = compute(inputs)
-    return outputs, time.perf_counter_ns() - started
+    return timed(compute, inputs)
 
 
 class DirectDispatcher:

@@ -169,12 +169,7 @@ class Steering:
         return self.view(name)
 
     async def promote(
-        self,
-        name: str,
-        actor: str,
-        reason: str = "",
-        figures: Any = None,
-        last: Verdict | None = None,
+        self, name: str, actor: str, reason: str = "", last: Verdict | None = None
     ) -> TrafficView:
         doc = self._router.traffic(name)
         if doc.canary is None:
@@ -189,16 +184,11 @@ class Steering:
         )
         why = reason or f"promoted by {actor}"
         await self._apply(name, promoted, Status(RolloutState.PROMOTED, -1, why, last))
-        self._record(actor, "promote", name, int(doc.canary.version), why, figures or {})
+        self._record(actor, "promote", name, int(doc.canary.version), why, _figures(last))
         return self.view(name)
 
     async def rollback(
-        self,
-        name: str,
-        actor: str,
-        reason: str = "",
-        figures: Any = None,
-        last: Verdict | None = None,
+        self, name: str, actor: str, reason: str = "", last: Verdict | None = None
     ) -> TrafficView:
         doc = self._router.traffic(name)
         if doc.canary is None:
@@ -207,7 +197,7 @@ class Steering:
         why = reason or f"rolled back by {actor}"
         # ``last`` in the new status itself: a reader never sees the rollback without it.
         await self._apply(name, stopped, Status(RolloutState.ROLLED_BACK, -1, why, last))
-        self._record(actor, "rollback", name, int(doc.canary.version), why, figures or {})
+        self._record(actor, "rollback", name, int(doc.canary.version), why, _figures(last))
         return self.view(name)
 
     async def pause(
@@ -372,9 +362,8 @@ class Steering:
             verdict = dataclasses.replace(verdict, verdict="breach", reasons=(why,))
         status.last = verdict
         due = self._clock() - status.step_started >= analysis.interval_s
-        figures = {"verdict": verdict.verdict, "reasons": list(verdict.reasons)}
         if verdict.verdict == "breach":
-            await self.rollback(name, "analysis", "; ".join(verdict.reasons), figures, verdict)
+            await self.rollback(name, "analysis", "; ".join(verdict.reasons), verdict)
             return
         if not due:
             return
@@ -385,7 +374,7 @@ class Steering:
         steps = analysis.steps
         following = [s for s in steps if s > canary.weight]
         if not following:
-            await self.promote(name, "analysis", "every step held its limits", figures, verdict)
+            await self.promote(name, "analysis", "every step held its limits", verdict)
             return
         moved = doc.model_copy(
             update={"canary": Canary(version=canary.version, weight=following[0])}
@@ -394,4 +383,11 @@ class Steering:
         await self._apply(
             name, moved, Status(RolloutState.PROGRESSING, steps.index(following[0]), why)
         )
-        self._record("analysis", "step", name, int(canary.version), why, figures)
+        self._record("analysis", "step", name, int(canary.version), why, _figures(verdict))
+
+
+def _figures(verdict: Verdict | None) -> dict[str, Any]:
+    """What the audit record of a traffic change holds of the analysis behind it."""
+    if verdict is None:
+        return {}
+    return {"verdict": verdict.verdict, "reasons": list(verdict.reasons)}

@@ -18,15 +18,19 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 BUSY = "the server is answering too many requests; retry shortly"
 
 
-def raw_response(status: int, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
-    """A complete ``{"error": ...}`` answer that closes the connection, as bytes."""
+def raw_response(
+    status: int, message: str, extra: tuple[tuple[bytes, bytes], ...] = (), close: bool = True
+) -> bytes:
+    """A complete ``{"error": ...}`` answer, as bytes; it closes the connection unless not
+    ``close``."""
     body = orjson.dumps({"error": message})
     head = [
         STATUS_LINE[status],
         b"content-type: application/json\r\n",
         b"content-length: " + str(len(body)).encode() + b"\r\n",
-        b"connection: close\r\n",
     ]
+    if close:
+        head.append(b"connection: close\r\n")
     head += [name + b": " + value + b"\r\n" for name, value in extra]
     return b"".join([*head, b"\r\n", body])
 
@@ -67,19 +71,9 @@ def refusals(retry_after_s: int, max_header_bytes: int) -> Refusals:
     """The answers for these limits (built once: connections are made per request burst)."""
     head = f"request line and headers exceed {max_header_bytes} bytes"
     retry = ((b"retry-after", str(retry_after_s).encode()),)
-    busy = orjson.dumps({"error": BUSY})
-    overloaded_bytes = b"".join(
-        [
-            STATUS_LINE[503],
-            b"content-type: application/json\r\n",
-            b"content-length: %d\r\n" % len(busy),
-            b"retry-after: %d\r\n\r\n" % retry_after_s,
-            busy,
-        ]
-    )
     return Refusals(
         head,
         ErrorApp(431, head, ((b"connection", b"close"),)),
         ErrorApp(503, BUSY, retry),
-        overloaded_bytes,
+        raw_response(503, BUSY, retry, close=False),
     )
