@@ -25,11 +25,12 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.core.routing import Reason
-from server.errors import DeadlineExceeded, InvalidInput, ServingError
+from server.errors import DeadlineExceeded, InvalidInput, Overloaded, ServingError
 from server.http.codec import HEADER_LENGTH, DecodedInfer, decode_infer, decompress
 from server.http.errors import error_response, serving_error_response
 from server.http.handle import PlaneHandle
 from server.http.memo import CodecMemo
+from server.http.overload import SHED
 
 ROUTE = "/v2/models/{name}/infer"
 VERSIONED_ROUTE = "/v2/models/{name}/versions/{version}/infer"
@@ -126,6 +127,8 @@ class InferEndpoint:
         except ClientDisconnect:
             return  # nobody to answer
         except ServingError as exc:
+            if isinstance(exc, Overloaded):
+                scope[SHED] = True  # for the edge's limit: a refusal, not an answer
             await serving_error_response(exc, self.retry_after_s)(scope, receive, send)
             return
         payload, binary_header = self.memo.encode(result, decoded)

@@ -40,12 +40,15 @@ keeps the model busy only waits. So there are two regimes:
   some of it finds the queue full: batches leave it in bursts), and the
   limit goes back to at least ``floor``.
 
-In either regime, a tick with more than ``STORM`` refusals per answer is
-clients that send again as soon as they are refused (a closed loop that
-ignores Retry-After), not new demand: refusing them costs more than letting
-them wait their turn, so the limit doubles (at least from ``floor``, up to
-``ceiling``), shedding ends, and for ``HOLD_TICKS`` the limit does not
-shrink.
+In either regime, two ticks running with more than ``STORM`` refusals per
+answer are clients that send again as soon as they are refused (a closed
+loop that ignores Retry-After), not new demand: refusing them costs more than
+letting them wait their turn, so the limit doubles (at least from ``floor``,
+up to ``ceiling``), shedding ends, and for ``HOLD_TICKS`` the limit does not
+shrink. A closed loop let in is refused no more: when the tick after the
+raise still has half as many refusals, it was demand, not a storm; the limit
+and regime go back to what they were, and for ``HOLD_TICKS`` no storm is
+taken.
 
 A quiet request's time is measured in the ticks with at most ``QUIET_LOAD``
 requests in progress, at the tick and on average (the sum of their times
@@ -53,7 +56,14 @@ over the tick's length, by Little's law), and no refusals; a busy server
 does not raise its own target.
 
 A request over the limit is answered 503 with Retry-After at once, for a
-fraction of the work of an answer.
+fraction of the work of an answer. A request let in and then refused by its
+model's queue (admission on queueing delay, ``server.core.admission``) is
+marked ``SHED`` in its scope by the endpoint and counted here as refused, not
+as an answer: it was quick, but only because it was turned away after its
+body was read and decoded, the dearer half of an answer. Counted as answers,
+such refusals kept the limit high while the model refused nearly everything
+(2x load, 16-row requests: 330,000 of 390,000 requests refused by the model,
+2 answers a second).
 """
 
 from __future__ import annotations
@@ -61,6 +71,7 @@ from __future__ import annotations
 from collections import deque
 
 TICK_S = 0.05
+SHED = "sluice.shed"  # scope key: the app refused this request as overloaded
 # Enough requests in progress to keep batches full and threads busy: below it, batches
 # shrink, each row costs more, and shedding would cut throughput instead of waiting.
 FLOOR = 64
@@ -86,20 +97,24 @@ _NONE = 1 << 30  # "no request started this tick", for ``fewest``
 class AdaptiveLimit:
     """The limit and the measurements that move it (event-loop thread only).
 
-    The protocol updates ``active``, ``count``, ``total_s``, ``fewest`` and
-    ``refused`` directly on every request (attribute arithmetic costs less than a method
+    The protocol updates ``active``, ``count``, ``total_s``, ``fewest``, ``refused``
+    and ``shed`` directly on every request (attribute arithmetic costs less than a method
     call); ``adjust`` reads and resets them once a tick. With ``target_s``
     None the limit stays at ``ceiling``.
     """
 
     __slots__ = (
+        "_before",
         "_below",
+        "_calm",
         "_hold",
         "_over",
         "_quiet_s",
         "_rates",
         "_refused_seen",
         "_signs",
+        "_storm",
+        "_trial",
         "active",
         "ceiling",
         "count",
@@ -107,6 +122,7 @@ class AdaptiveLimit:
         "floor",
         "limit",
         "refused",
+        "shed",
         "shedding",
         "target_s",
         "total_s",
@@ -118,6 +134,7 @@ class AdaptiveLimit:
         self.floor = min(floor, ceiling)
         self.limit = ceiling
         self.refused = 0  # requests refused, ever
+        self.shed = 0  # requests let in and refused by their model's queue, since the tick
         self.active = 0  # requests let in and not answered yet
         self.count = 0  # answers since the last adjust
         self.total_s = 0.0  # their total time in the server
@@ -130,6 +147,10 @@ class AdaptiveLimit:
         self._rates: deque[float] = deque(maxlen=CAPACITY_TICKS)  # answers/s, shedding
         self._below = False  # shedding: the last tick's demand was within the capacity
         self._hold = 0  # ticks left in which the limit does not shrink (after a storm)
+        self._storm = False  # the last tick had STORM refusals per answer
+        self._trial = 0  # after a storm's raise: the refusals of the tick that raised it
+        self._before = (ceiling, False)  # the limit and regime before that raise
+        self._calm = 0  # ticks left in which no storm is taken (one turned out demand)
 
     @property
     def target(self) -> float:
@@ -156,6 +177,7 @@ class AdaptiveLimit:
         count, total, fewest = self.count, self.total_s, self.fewest
         self.count, self.total_s, self.fewest = 0, 0.0, _NONE
         refused, self._refused_seen = self.refused - self._refused_seen, self.refused
+        shed, self.shed = self.shed, 0
         if self.target_s is None:
             return
         mean = total / count if count else 0.0
@@ -164,19 +186,17 @@ class AdaptiveLimit:
         # MIN_SAMPLES in a quiet tick); the moving average smooths them, and one answer
         # many times slower than the average (the first of a surge) moves it little.
         quiet_tick = in_progress <= QUIET_LOAD and total <= QUIET_LOAD * elapsed
-        if count and not refused and quiet_tick:
+        if count and not refused and not shed and quiet_tick:
             quiet = self._quiet_s
             sample = mean if quiet == 0.0 else min(mean, 4.0 * quiet)
             self._quiet_s = sample if quiet == 0.0 else quiet + 0.1 * (sample - quiet)
-        if count and refused > STORM * count:
-            # Refused clients sending again at once: each refusal comes straight back and
-            # they cost more than waiting their turn would (128 closed-loop clients refused
-            # down to 64: 60,000 refusals a second, answers from 9,300 to 2,900 a second).
-            # Let them in, and do not shrink again for a while.
-            self.shedding = self._signs = self._over = False
-            self.limit = min(self.ceiling, 2 * max(self.limit, self.floor))
-            self._hold = HOLD_TICKS
+        if self._stormed(count, refused, shed):
             return
+        # Not a storm: a model's refusals are excess demand let in, which the limit must
+        # turn away before its body is decoded. So they count as refused, and more than
+        # EXCESS of them is a limit letting in more than the model takes in its target.
+        shed_over = shed > EXCESS * (count + shed)
+        refused += shed
         signs = refused > EXCESS * (count + refused) and STANDING <= fewest < _NONE
         if self.shedding:
             # Demand (answered and refused) within what the server answers at best: the
@@ -199,7 +219,7 @@ class AdaptiveLimit:
         # The wait ahead of the requests in progress (Little's law) shows a queue building
         # a tick before the answers' mean does.
         ahead = in_progress / rate if rate else 0.0
-        over = count >= MIN_SAMPLES and max(mean, ahead) > target
+        over = shed_over or (count >= MIN_SAMPLES and max(mean, ahead) > target)
         was_over, self._over = self._over, over
         if self._hold:
             self._hold -= 1
@@ -211,3 +231,37 @@ class AdaptiveLimit:
             return  # once may be a pause: wait for the next tick
         elif self.limit < self.ceiling:
             self.limit = min(self.ceiling, self.limit + max(1, self.limit // 10))
+
+    def _stormed(self, count: int, refused: int, shed: int) -> bool:
+        """Take a storm (or find that the last one was demand): True when the limit
+        moved for it, and nothing else is to be done this tick."""
+        if self._trial:
+            trial, self._trial = self._trial, 0
+            if 2 * refused > trial:
+                # Let in, and still refused about as often: not a closed loop sending
+                # again at once (let in, it is refused no more) but demand from more
+                # clients than any limit lets in (a flash sale: ten refusals an answer).
+                self.limit, self.shedding = self._before
+                self._hold = 0
+                self._calm = HOLD_TICKS
+                return True
+        if self._calm:
+            self._calm -= 1
+        storm = bool(count) and refused > STORM * (count + shed) and not self._calm
+        was_storm, self._storm = self._storm, storm
+        if storm and was_storm:
+            # Refused clients sending again at once: each refusal comes straight back and
+            # they cost more than waiting their turn would (128 closed-loop clients refused
+            # down to 64: 60,000 refusals a second, answers from 9,300 to 2,900 a second).
+            # Let them in, and do not shrink again for a while, unless the next tick shows
+            # it was demand after all. Twice running: at 2x load shedding at 16, one tick
+            # of few answers (a slow batch) gave 8.5 refusals per answer, and taking it for
+            # a storm let 1,024 in, which the model then refused after decoding them (5 s
+            # of no answers at all).
+            self._before = (self.limit, self.shedding)
+            self._trial = refused
+            self.shedding = self._signs = self._over = False
+            self.limit = min(self.ceiling, 2 * max(self.limit, self.floor))
+            self._hold = HOLD_TICKS
+            return True
+        return False

@@ -40,6 +40,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from server.http.overload import SHED
 from server.http.refusals import raw_response, refusals
 from server.http.sweeper import Sweeper
 
@@ -328,8 +329,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             started = self._started
             if started:
                 self._started = 0.0
-                limit.total_s += time.monotonic() - started  # AdaptiveLimit.finished
-                limit.count += 1
+                if SHED in self.cycle.scope:  # refused by the model's queue, not answered
+                    limit.shed += 1
+                else:
+                    limit.total_s += time.monotonic() - started  # AdaptiveLimit.finished
+                    limit.count += 1
         _BASE.on_response_complete(self)
 
     def send_400_response(self, msg: str) -> None:

@@ -13,10 +13,11 @@ import orjson
 import pytest
 from asgi_support import lifespan
 from factory import train_xgboost, write_yaml, xgboost_config
+from starlette.types import Receive, Scope, Send
 
 from server.config import Settings
 from server.http.app import create_app
-from server.http.overload import HOLD_TICKS, LEAST, STORM, TICK_S, TIGHT, AdaptiveLimit
+from server.http.overload import HOLD_TICKS, LEAST, SHED, STORM, TICK_S, TIGHT, AdaptiveLimit
 
 
 def tick(
@@ -25,13 +26,16 @@ def tick(
     requests: int = 100,
     fewest: int = 0,
     refused: int = 0,
+    shed: int = 0,
 ) -> None:
     """One tick in which ``requests`` were answered in ``seconds`` each, the busiest start
-    finding ``fewest`` others in progress, and ``refused`` were turned away."""
+    finding ``fewest`` others in progress, ``refused`` were turned away at the edge and
+    ``shed`` let in and then refused by their model's queue."""
     for _ in range(requests):
         limit.finished(seconds)
     limit.started(fewest)
     limit.refused += refused
+    limit.shed += shed
     limit.adjust(TICK_S)
 
 
@@ -127,6 +131,8 @@ def test_clients_that_send_again_as_soon_as_refused_are_let_in() -> None:
         tick(limit, 0.040, fewest=120)
     assert limit.limit == limit.floor
     tick(limit, 0.014, requests=460, fewest=63, refused=460 * int(STORM + 1))
+    assert limit.limit == limit.floor, "once may be a tick of few answers"
+    tick(limit, 0.014, requests=460, fewest=63, refused=460 * int(STORM + 1))
     assert limit.limit == 128, "doubled: let them wait their turn instead"
     for _ in range(HOLD_TICKS - 1):  # 128 in progress, 14 ms each: over the 10 ms target
         tick(limit, 0.014, requests=460, fewest=127)
@@ -142,8 +148,60 @@ def test_a_storm_ends_shedding() -> None:
         tick(limit, 0.008, fewest=limit.limit - 2, refused=100)
     assert limit.shedding
     tick(limit, 0.002, fewest=limit.limit - 2, refused=100 * int(STORM + 1))
+    assert limit.shedding, "once may be a tick of few answers"
+    tick(limit, 0.002, fewest=limit.limit - 2, refused=100 * int(STORM + 1))
     assert not limit.shedding
     assert limit.limit >= 2 * limit.floor
+
+
+def test_what_the_models_refuse_after_decoding_is_refused_at_the_edge_instead() -> None:
+    # 2x load, 16-row requests: the edge let 512 in, the model's queue refused most of them
+    # after their bodies were decoded, quickly, so the answers' times looked fine.
+    limit = AdaptiveLimit(target_s=0.010, ceiling=1024)
+    for _ in range(50):
+        tick(limit, 0.001, requests=20)
+    tick(limit, 0.003, requests=100, fewest=400, shed=400)
+    assert limit.limit == 1024, "once may be a burst"
+    tick(limit, 0.003, requests=100, fewest=400, shed=400)
+    assert limit.shedding, "refused by the model is excess demand too"
+    assert limit.limit == LEAST
+    for _ in range(5):  # the edge refuses now, before decoding; the model refuses nothing
+        tick(limit, 0.002, requests=300, fewest=limit.limit - 2, refused=300)
+    assert limit.shedding
+    assert limit.limit < limit.floor
+
+
+def test_the_models_refusals_are_not_taken_for_a_storm() -> None:
+    limit = AdaptiveLimit(target_s=0.010, ceiling=1024)
+    for _ in range(10):
+        tick(limit, 0.040, fewest=300)
+    for _ in range(3):  # few answers, many refused: most of them by the model
+        tick(limit, 0.003, requests=20, fewest=60, refused=100, shed=400)
+    assert limit.shedding
+    assert limit.limit == LEAST
+
+
+def test_a_flash_sale_is_not_let_in_for_a_storm() -> None:
+    # Ten times the sustainable rate in an open loop: ten refusals an answer, as many as
+    # a closed loop sending again at once, but letting more in does not make them fewer.
+    limit = AdaptiveLimit(target_s=0.010, ceiling=1024)
+    for _ in range(10):
+        tick(limit, 0.040, fewest=300)
+    for _ in range(3):
+        tick(limit, 0.008, fewest=limit.limit - 2, refused=100)
+    assert limit.shedding
+    shed_to = limit.limit
+    for _ in range(2):  # taken for clients sending again at once: let in
+        tick(limit, 0.004, requests=100, fewest=limit.limit - 2, refused=1000)
+    assert not limit.shedding
+    assert limit.limit >= 2 * limit.floor
+    tick(limit, 0.004, requests=100, fewest=limit.limit - 2, refused=1000)
+    assert limit.shedding, "still refused as often once let in: demand, not a storm"
+    assert limit.limit == shed_to
+    for _ in range(HOLD_TICKS - 1):
+        tick(limit, 0.004, requests=100, fewest=limit.limit - 2, refused=1000)
+        assert limit.shedding, "and not taken for one again"
+        assert limit.limit < limit.floor
 
 
 def test_a_queue_building_up_is_seen_before_its_answers_are_late() -> None:
@@ -210,9 +268,18 @@ def targets_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @asynccontextmanager
-async def serving(repo: Path) -> AsyncIterator[httpx.AsyncClient]:
+async def serving(
+    repo: Path, scopes: list[Scope] | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The app in process; ``scopes`` collects each request's scope once it is answered."""
     app = create_app(Settings(model_repository=repo, inference_threads=1))
-    transport = httpx.ASGITransport(app=app)
+
+    async def recording(scope: Scope, receive: Receive, send: Send) -> None:
+        await app(scope, receive, send)
+        if scopes is not None:
+            scopes.append(scope)
+
+    transport = httpx.ASGITransport(app=recording)
     async with (
         lifespan(app),
         httpx.AsyncClient(transport=transport, base_url="http://sluice") as client,
@@ -241,3 +308,13 @@ async def test_a_model_with_a_tight_target_sheds_a_burst_its_default_would_queue
     assert all(r.headers["retry-after"] == "1" for r in refused)
     assert "over the model's target of 0.0 ms" in refused[0].json()["error"]
     assert [r.status_code for r in adaptive] == [200] * 32, "the default target queues them"
+
+
+async def test_the_edge_is_told_which_answers_were_the_models_refusals(targets_repo: Path) -> None:
+    # The edge's limit counts these as refused, not as quick answers (see overload.SHED).
+    scopes: list[Scope] = []
+    async with serving(targets_repo, scopes) as client:
+        answers = await burst(client, "tight", 32)
+    refused = sum(r.status_code == 503 for r in answers)
+    assert refused > 0
+    assert sum(SHED in scope for scope in scopes) == refused
