@@ -140,13 +140,19 @@ def test_clients_that_send_again_as_soon_as_refused_are_let_in() -> None:
     assert not limit.shedding
 
 
-def test_a_storm_ends_shedding() -> None:
+def shedding_limit(ticks: int) -> AdaptiveLimit:
+    """A limit shedding twice the sustainable rate on a standing queue for ``ticks``."""
     limit = AdaptiveLimit(target_s=0.010, ceiling=1024)
     for _ in range(10):
         tick(limit, 0.040, fewest=300)
-    for _ in range(30):
+    for _ in range(ticks):
         tick(limit, 0.008, fewest=limit.limit - 2, refused=100)
     assert limit.shedding
+    return limit
+
+
+def test_a_storm_ends_shedding() -> None:
+    limit = shedding_limit(30)
     tick(limit, 0.002, fewest=limit.limit - 2, refused=100 * int(STORM + 1))
     assert limit.shedding, "once may be a tick of few answers"
     tick(limit, 0.002, fewest=limit.limit - 2, refused=100 * int(STORM + 1))
@@ -184,12 +190,7 @@ def test_the_models_refusals_are_not_taken_for_a_storm() -> None:
 def test_a_flash_sale_is_not_let_in_for_a_storm() -> None:
     # Ten times the sustainable rate in an open loop: ten refusals an answer, as many as
     # a closed loop sending again at once, but letting more in does not make them fewer.
-    limit = AdaptiveLimit(target_s=0.010, ceiling=1024)
-    for _ in range(10):
-        tick(limit, 0.040, fewest=300)
-    for _ in range(3):
-        tick(limit, 0.008, fewest=limit.limit - 2, refused=100)
-    assert limit.shedding
+    limit = shedding_limit(3)
     shed_to = limit.limit
     for _ in range(2):  # taken for clients sending again at once: let in
         tick(limit, 0.004, requests=100, fewest=limit.limit - 2, refused=1000)
