@@ -21,6 +21,7 @@ from server.core.dispatch import (
     BatchRecord,
     Clock,
     Compute,
+    Landing,
     Tensors,
     check_rows,
     timed,
@@ -43,6 +44,7 @@ class _Item:
     enqueued_at: float
     deadline: float | None = field(default=None)
     caller: SpanContext | None = None  # the request's span, when tracing
+    tag: bytes | None = None  # handed to the landing with the row's outputs
 
 
 class MicroBatcher:
@@ -96,6 +98,7 @@ class MicroBatcher:
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
         self._settled = asyncio.Event()  # a batch finished while close() waits
+        self._landing: Landing | None = None
 
     @property
     def depth(self) -> int:
@@ -107,17 +110,26 @@ class MicroBatcher:
         """The queueing-delay rule, its target and its refusal counts."""
         return self._admission
 
+    def land_in(self, landing: Landing) -> None:
+        """Hand each batch's tagged one-row requests to ``landing`` as their results are set."""
+        self._landing = landing
+
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
         if self._loop_task is None:
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
-    async def submit(self, inputs: Tensors, rows: int, deadline: float | None = None) -> Tensors:
-        """Queue a validated request and wait for its slice of the batch result."""
+    async def submit(
+        self, inputs: Tensors, rows: int, deadline: float | None = None, tag: bytes | None = None
+    ) -> Tensors:
+        """Queue a validated request and wait for its slice of the batch result.
+
+        A ``tag`` (one-row requests only) goes to the landing with the row's outputs.
+        """
         split = max(self._max_rows, SPLIT_ROWS)
         if rows > split:
             return await self._submit_split(inputs, rows, deadline, split)
-        return await self._submit(inputs, rows, deadline, admit=True)
+        return await self._submit(inputs, rows, deadline, True, tag)
 
     async def _submit_split(
         self, inputs: Tensors, rows: int, deadline: float | None, split: int
@@ -128,19 +140,19 @@ class MicroBatcher:
         for start in range(0, rows, split):
             end = min(start + split, rows)
             piece = {name: array[start:end] for name, array in inputs.items()}
-            parts.append(await self._submit(piece, end - start, deadline, admit=start == 0))
+            parts.append(await self._submit(piece, end - start, deadline, start == 0, None))
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
     async def _submit(
-        self, inputs: Tensors, rows: int, deadline: float | None, admit: bool
+        self, inputs: Tensors, rows: int, deadline: float | None, admit: bool, tag: bytes | None
     ) -> Tensors:
         if self._loop_task is None:
             raise RuntimeFailure("batcher is not running")
         if self._idle():
-            return await self._alone(inputs, rows, deadline)
+            return await self._alone(inputs, rows, deadline, tag)
         future: asyncio.Future[Tensors] = asyncio.get_running_loop().create_future()
         caller = self._tracing.capture() if self._tracing is not None else None
-        item = _Item(inputs, rows, future, self._now(), deadline, caller)
+        item = _Item(inputs, rows, future, self._now(), deadline, caller, tag)
         admission = self._admission
         if admit and not admission.admits(self._queued_rows + rows, self._max_rows):
             wait = admission.predicted_wait(self._queued_rows + rows, self._max_rows)
@@ -158,7 +170,9 @@ class MicroBatcher:
         self._wake.set()
         return await future
 
-    async def _alone(self, inputs: Tensors, rows: int, deadline: float | None) -> Tensors:
+    async def _alone(
+        self, inputs: Tensors, rows: int, deadline: float | None, tag: bytes | None
+    ) -> Tensors:
         """A request that found the batcher idle (nothing queued, forming or running),
         computed as a batch of its own from the caller's task.
 
@@ -194,6 +208,8 @@ class MicroBatcher:
                 raise RuntimeFailure(f"model raised {type(exc).__name__}: {exc}") from exc
             self._admission.computed(compute_ns / 1e9)
             self._observe(BatchRecord(rows, 1, (0.0,), compute_ns, ok=True))
+            if tag is not None and self._landing is not None:
+                self._landing([(tag, 0)], outputs)
             return outputs
         finally:
             if span is not None:
@@ -331,11 +347,16 @@ class MicroBatcher:
             BatchTracing.end(span)
         self._admission.computed(compute_ns / 1e9)
         offset = 0
+        tagged: list[tuple[bytes, int]] = []
         for item in live:
             end = offset + item.rows
             if not item.future.done():
                 item.future.set_result({name: out[offset:end] for name, out in outputs.items()})
+                if item.tag is not None:
+                    tagged.append((item.tag, offset))
             offset = end
+        if tagged and self._landing is not None:
+            self._landing(tagged, outputs)
         self._observe(BatchRecord(total, len(live), queue_s, compute_ns, ok=True))
 
     def _observe(self, record: BatchRecord) -> None:

@@ -4,26 +4,31 @@
 deadline)``), so the service, the stats, drift and feedback see a cached answer
 exactly as a computed one: it is still a prediction of that version. A
 one-row request is first looked up before validation (``lookup``); on a miss
-its key goes on to ``submit``, so a row's key is built once. How rows are held
+its key goes on to ``submit_one``, so a row's key is built once. How rows are held
 and bounded is ``server.core.rowcache``.
 
 Key and identity. A row's key is the version's identity (model, version, the
-artifact's sha256) followed by the row's canonical bytes (``server.core.tensors``:
-every input's name, datatype, shape and little-endian C-order values). Each
-version has its own table, dropped with it, so in memory the identity is the
-table and a key is the canonical bytes alone; Redis keys carry it. Entries
-hold every output of the row; the outputs a request asks for are selected
-afterwards by the service, so they need not be part of the key, and no request
-parameter changes outputs today (``timeout`` does not). The full key is the
-dictionary key, so two rows can only share an entry when their bytes are
-equal: no hash collisions (Triton keys on a 64-bit hash). Request ids are never
-part of it.
+artifact's sha256, the key scheme) followed by the bytes of the row's
+validated inputs (``server.core.rowkeys``: little-endian C-order values when
+every input has a fixed row shape, else the canonical bytes that also name
+each input, its datatype and shape). Each version has its own table, dropped
+with it, so in memory the identity is the table and a key is the row's bytes
+alone; Redis keys carry it. Entries hold every output of the row; the outputs
+a request asks for are selected afterwards by the service, so they need not be
+part of the key, and no request parameter changes outputs today (``timeout``
+does not). The full key is the dictionary key, so two rows can only share an
+entry when their bytes are equal: no hash collisions (Triton keys on a 64-bit
+hash). Request ids are never part of it.
 
 Shared work. Rows being computed are "in flight": a caller that wants one waits
-for the first caller's computation instead of computing it again. Failures are
-not cached. When the computing caller is cancelled or runs past its own
-deadline while others wait, the rows are computed again in the background for
-them, so one caller's cancellation never takes an answer from the others.
+for the first caller's computation instead of computing it again. A one-row
+miss is tagged with its key, and the batcher hands a batch's tagged rows back
+(``_landed``, the ``Tagging`` seam of ``server.core.dispatch``) where it sets
+the results: one tobytes and one loop per batch store them and answer who
+waits. Failures are not cached. When the computing caller is cancelled or
+runs past its own deadline while others wait, the rows are computed again in
+the background for them, so one caller's cancellation never takes an answer
+from the others.
 
 Bounds. Per version, whichever of ``max_entries`` and ``max_bytes`` comes first
 evicts the least recently used rows; ``ttl_s`` bounds an entry's life. aiocache
@@ -50,13 +55,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.core.dispatch import Dispatcher, Tensors
+from server.core.dispatch import Dispatcher, Tagging, Tensors
 from server.core.model_config import CacheConfig
 from server.core.rowcache import CacheCounters, Row, RowLayout, RowLRU
+from server.core.rowkeys import RowKeys
+from server.core.signature import TensorSpec
 from server.core.stats import VersionStats
 from server.core.store import SharedStore
-from server.core.tensors import one_row_bytes, row_bytes
-from server.errors import DeadlineExceeded, ServingError
+from server.errors import DeadlineExceeded, RuntimeFailure
 
 __all__ = ["CacheCounters", "CachedDispatcher"]
 
@@ -108,9 +114,13 @@ class CachedDispatcher:
         stats: VersionStats,
         shared: SharedStore | None = None,
         clock: Callable[[], float] = time.monotonic,
+        inputs: Sequence[TensorSpec] = (),
     ) -> None:
         self.inner = inner  # shadows call this directly: they never read or write the cache
-        self._identity = identity.encode()
+        self.keys = RowKeys(inputs)
+        # The key scheme is part of the identity: replicas keying rows another way never
+        # read each other's entries in Redis.
+        self._identity = f"{identity}{self.keys.scheme}\0".encode()
         self._outputs = tuple(outputs)
         self._ttl = config.ttl_s
         self._stats = stats
@@ -119,8 +129,13 @@ class CachedDispatcher:
         self.counters = CacheCounters()
         self.rows = RowLRU(config, self.counters, clock)
         self.layout = RowLayout(outputs)
-        self._flights: dict[bytes, _Flight] = {}
+        # Rows being computed; None until a second caller waits for one.
+        self._flights: dict[bytes, _Flight | None] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # A batcher stores the rows of one-row misses itself, a batch at a time (_landed).
+        self._tagging = inner if isinstance(inner, Tagging) else None
+        if self._tagging is not None:
+            self._tagging.land_in(self._landed)
 
     @property
     def depth(self) -> int:
@@ -129,32 +144,38 @@ class CachedDispatcher:
     @property
     def waiting(self) -> int:
         """Rows callers wait for while another caller computes them."""
-        return sum(flight.waiters for flight in self._flights.values())
+        return sum(flight.waiters for flight in self._flights.values() if flight is not None)
 
     def lookup(self, inputs: Mapping[str, np.ndarray]) -> tuple[Tensors | None, bytes | None]:
         """A one-row request's outputs when its row is in memory, and the row's key.
 
-        Called before validation: the key holds every input's name, datatype,
-        shape and bytes, so a hit is a row that passed validation when it was
-        stored. Inputs in another order than the signature's only miss. The
-        key is None when the inputs are not one row of each input; on a miss
-        it goes to ``submit`` so that it is not built twice.
+        Called before validation: only a request already in its validated form
+        has a key (``RowKeys.one``), so a hit is a row that passed validation
+        when it was computed. The key is None for any other request; on a miss
+        it goes to ``submit_one`` so that it is not built twice.
         """
-        first = next(iter(inputs.values()), None)
-        shape = first.shape if first is not None else ()
-        if not shape or shape[0] != 1:
-            return None, None
         started = time.perf_counter_ns()
-        try:
-            key = one_row_bytes(inputs)
-        except (ValueError, ServingError):
-            return None, None  # not a well-formed batch of one: validation will say why
-        layout = self.layout
-        if layout.dtype is None:
-            return None, key
-        row = self.rows.get(key, self._clock())
+        single = self.keys.single
+        if single is None:
+            key = self.keys.one(inputs)
+            if key is None:
+                return None, None
+        else:  # RowKeys.one for one input, inline: every request pays for this
+            name, dtype, shape = single
+            array = inputs.get(name)
+            if array is None or len(inputs) != 1 or array.dtype is not dtype:
+                return None, None
+            if array.shape != shape:
+                return None, None
+            key = array.tobytes()
+        value = self.rows.entries.get(key)
+        row = None if value is None else self.rows.found(key, value)
         if row is None:
+            elapsed = time.perf_counter_ns() - started
+            self.counters.lookup_ns += elapsed
+            self._stats.cache_miss.ns += elapsed
             return None, key
+        layout = self.layout
         outputs = layout.records(row, 1)
         elapsed = time.perf_counter_ns() - started
         counters = self.counters
@@ -168,17 +189,16 @@ class CachedDispatcher:
         if rows == 1 and self._shared is None:
             return await self._submit_one(inputs, deadline, None)
         started = time.perf_counter_ns()
-        keys = row_bytes(inputs, rows)
+        keys = self.keys.rows(inputs, rows)
         now = self._clock()
         plan = _Plan([self.rows.get(key, now) for key in keys])
         for index, row in enumerate(plan.found):
             if row is not None:
                 continue
-            flight = self._flights.get(keys[index])
-            if flight is None:
-                plan.mine.append(index)
+            if keys[index] in self._flights:
+                plan.theirs.append((index, self._join(keys[index])))
             else:
-                plan.theirs.append((index, flight.join()))
+                plan.mine.append(index)
         hits = rows - len(plan.mine) - len(plan.theirs)
         if hits == rows:
             self._count(hits, 0, started)
@@ -210,43 +230,86 @@ class CachedDispatcher:
         self, inputs: Tensors, deadline: float | None, key: bytes | None
     ) -> Tensors:
         """One row, memory only: the path most requests take, kept short."""
-        started = time.perf_counter_ns()
         if key is None:
-            key = one_row_bytes(inputs)
-            row = self.rows.get(key, self._clock()) if self.layout.known else None
+            started = time.perf_counter_ns()
+            key = self.keys.rows(inputs, 1)[0]
+            row = self.rows.get(key) if self.layout.known else None
             if row is not None:
                 self._count(1, 0, started)
                 return self.layout.records(row, 1)
-        flight = self._flights.get(key)
-        if flight is not None:
-            self._count(0, 0, started)
-            row = await asyncio.shield(flight.join())
+            self._missed(started)
+        flights = self._flights
+        if key in flights:
+            row = await asyncio.shield(self._join(key))
             self.counters.joined += 1
             return self.layout.records(row, 1)
-        flight = self._flights[key] = _Flight()
-        elapsed = time.perf_counter_ns() - started
-        counters = self.counters
-        counters.misses += 1
-        counters.lookup_ns += elapsed
-        self._stats.cache_miss.add(elapsed)
+        flights[key] = None
+        self.counters.misses += 1
+        self._stats.cache_miss.count += 1
+        tagging = self._tagging
         try:
-            outputs = await self.inner.submit(inputs, 1, deadline)
+            if tagging is None:
+                outputs = await self.inner.submit(inputs, 1, deadline)
+            else:
+                outputs = await tagging.submit(inputs, 1, deadline, key)
+                if key not in flights:
+                    return outputs  # stored by _landed where the batch's results were set
         except (asyncio.CancelledError, DeadlineExceeded):
-            self._hand_over(inputs, [key], [flight])
+            self._hand_over_one(inputs, key)
             raise
         except Exception as exc:
-            self._fail([key], [flight], exc)
+            self._fail_one(key, exc)
             raise
-        row = self.layout.row_of(outputs)
-        self.rows.put(key, row, self._clock())
-        flights = self._flights
-        if flights.get(key) is flight:
-            del flights[key]
-        if flight.future is not None:
-            flight.settle(row)
-        if self._shared is not None:
-            self._write_shared(key, row)
+        self._landed([(key, 0)], outputs)
         return outputs
+
+    def _landed(self, tagged: list[tuple[bytes, int]], outputs: Tensors) -> None:
+        """Store the computed rows of one-row misses and answer whoever waits for them.
+
+        The batcher's landing (``Tagging``): called once per batch, where it sets
+        the results, with each miss's key and the offset of its row in ``outputs``.
+        Never raises: the callers already have their answers.
+        """
+        try:
+            data = self.layout.block(outputs)
+        except RuntimeFailure as exc:
+            log.error("rows not cached: %s", exc)
+            for key, _ in tagged:
+                self._fail_one(key, exc)
+            return
+        assert self.layout.dtype is not None
+        size = self.layout.dtype.itemsize
+        rows = [(key, data[offset * size : (offset + 1) * size]) for key, offset in tagged]
+        self.rows.put_many(rows, self._clock())
+        flights = self._flights
+        for key, row in rows:
+            flight = flights.pop(key, None)
+            if flight is not None:
+                flight.settle(row)
+        if self._shared is not None:
+            for key, row in rows:
+                self._write_shared(key, row)
+
+    def _join(self, key: bytes) -> asyncio.Future[Row]:
+        """The row under ``key`` that another caller is computing, once it is computed."""
+        flight = self._flights[key]
+        if flight is None:
+            flight = self._flights[key] = _Flight()
+        return flight.join()
+
+    def _hand_over_one(self, inputs: Tensors, key: bytes) -> None:
+        # Gone when the row landed before this caller was cancelled: nothing to hand over.
+        # (After that, another caller's later flight for the same row could be here; at
+        # worst the row is computed twice, never answered wrong.)
+        flight = self._flights.pop(key, None)
+        if flight is not None and flight.future is not None and not flight.future.done():
+            self._flights[key] = flight
+            self._hand_over(inputs, [key], [flight])
+
+    def _fail_one(self, key: bytes, exc: BaseException) -> None:
+        flight = self._flights.pop(key, None)
+        if flight is not None:
+            flight.settle(None, exc)
 
     async def _compute(
         self,
@@ -349,6 +412,13 @@ class CachedDispatcher:
     def _shared_key(self, key: bytes) -> str:
         assert self._shared is not None
         return self._shared.key("cache", hashlib.sha256(self._identity + key).hexdigest())
+
+    def _missed(self, started: int) -> None:
+        """The time a lookup that found nothing in memory cost; the row is counted as a
+        miss or as joined where it is computed or waited for."""
+        elapsed = time.perf_counter_ns() - started
+        self.counters.lookup_ns += elapsed
+        self._stats.cache_miss.ns += elapsed
 
     def _count(self, hits: int, misses: int, started: int) -> None:
         elapsed = time.perf_counter_ns() - started

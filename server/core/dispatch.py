@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -91,6 +91,24 @@ class Dispatcher(Protocol):
     async def close(self) -> None: ...
 
 
+Landing = Callable[[list[tuple[bytes, int]], Tensors], None]
+"""Takes a computed batch's tagged requests, as (tag, offset of the request's row), and
+the batch's outputs."""
+
+
+@runtime_checkable
+class Tagging(Dispatcher, Protocol):
+    """A dispatcher that hands the rows of tagged one-row requests to a ``Landing`` where
+    it sets their results, one call per batch: how the result cache stores its misses,
+    in one loop over the batch instead of once in each caller (``server.core.cache``)."""
+
+    def land_in(self, landing: Landing) -> None: ...
+
+    async def submit(
+        self, inputs: Tensors, rows: int, deadline: float | None = None, tag: bytes | None = None
+    ) -> Tensors: ...
+
+
 def timed(compute: Compute, inputs: Mapping[str, np.ndarray]) -> tuple[Tensors, int]:
     started = time.perf_counter_ns()
     outputs = compute(inputs)
@@ -130,13 +148,20 @@ class DirectDispatcher:
         self._observer = observer
         self._now = clock.now
         self._tracing = tracing
+        self._landing: Landing | None = None
 
     @property
     def depth(self) -> int:
         """Requests accepted and not yet answered."""
         return self._pending
 
-    async def submit(self, inputs: Tensors, rows: int, deadline: float | None = None) -> Tensors:
+    def land_in(self, landing: Landing) -> None:
+        """Hand each tagged request's outputs to ``landing`` once computed."""
+        self._landing = landing
+
+    async def submit(
+        self, inputs: Tensors, rows: int, deadline: float | None = None, tag: bytes | None = None
+    ) -> Tensors:
         """Run the model on this request alone, unless its deadline passes first."""
         if self._pending >= self._max_pending:
             raise Overloaded(f"too many requests in flight ({self._max_pending}); retry shortly")
@@ -170,6 +195,8 @@ class DirectDispatcher:
             if span is not None:
                 BatchTracing.end(span, error)
         self._observe(rows, compute_ns, ok=True)
+        if tag is not None and self._landing is not None:
+            self._landing([(tag, 0)], outputs)
         return outputs
 
     def _observe(self, rows: int, compute_ns: int, ok: bool) -> None:

@@ -312,6 +312,7 @@ class ModelRegistry:
                 config.cache,
                 mv.stats,
                 self._shared_cache,
+                inputs=mv.signature.inputs,
             )
         mv.dispatcher = dispatcher
         mv.state = VersionState.READY

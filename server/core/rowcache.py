@@ -50,8 +50,10 @@ class RowLRU:
     def __init__(
         self, config: CacheConfig, counters: CacheCounters, clock: Callable[[], float]
     ) -> None:
-        # key -> expiry (8 bytes) + row: nothing here for the garbage collector to walk
-        self._entries: OrderedDict[bytes, bytes] = OrderedDict()
+        # key -> expiry (8 bytes) + row: nothing here for the garbage collector to walk.
+        # Read directly (``entries.get``) where a miss must cost no more than that.
+        self.entries: OrderedDict[bytes, bytes] = OrderedDict()
+        self._entries = self.entries
         self._max_entries = config.max_entries
         self._max_bytes = config.max_bytes
         self._ttl = config.ttl_s
@@ -62,26 +64,37 @@ class RowLRU:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: bytes, now: float) -> Row | None:
+    def get(self, key: bytes, now: float | None = None) -> Row | None:
+        """The row under ``key``, unless it expired by ``now`` (read only when found)."""
         value = self._entries.get(key)
-        if value is None:
-            return None
-        if _EXPIRY.unpack_from(value)[0] <= now:
+        return None if value is None else self.found(key, value, now)
+
+    def found(self, key: bytes, value: bytes, now: float | None = None) -> Row | None:
+        """The row of ``entries[key]`` (``value``), now the most recently used, unless it
+        expired by ``now``."""
+        if _EXPIRY.unpack_from(value)[0] <= (self._clock() if now is None else now):
             self._drop(key)
             return None
         self._entries.move_to_end(key)
         return value[_EXPIRY.size :]
 
     def put(self, key: bytes, row: Row, now: float) -> None:
+        self.put_many([(key, row)], now)
+
+    def put_many(self, rows: Sequence[tuple[bytes, Row]], now: float) -> None:
+        """Store rows computed at ``now``, then evict down to the bounds."""
         entries = self._entries
-        if key in entries:
-            self._drop(key)
-        nbytes = len(key) + len(row) + _PER_ENTRY
-        if nbytes > self._max_bytes:
-            return
-        entries[key] = _EXPIRY.pack(now + self._ttl) + row
-        self.bytes += nbytes
-        if len(entries) > self._max_entries or self.bytes > self._max_bytes:
+        expiry = _EXPIRY.pack(now + self._ttl)
+        limit = self._max_bytes
+        for key, row in rows:
+            if key in entries:
+                self._drop(key)
+            nbytes = len(key) + len(row) + _PER_ENTRY
+            if nbytes > limit:
+                continue
+            entries[key] = expiry + row
+            self.bytes += nbytes
+        if len(entries) > self._max_entries or self.bytes > limit:
             self._evict()
 
     def _evict(self) -> None:
@@ -121,39 +134,31 @@ class RowLayout:
 
     def rows_of(self, outputs: Tensors, count: int) -> list[Row]:
         """Each computed row as the bytes of one record of the layout."""
+        data = self.block(outputs)
+        if count == 1:
+            return [data]
+        size = len(data) // count
+        return [data[i * size : (i + 1) * size] for i in range(count)]
+
+    def block(self, outputs: Tensors) -> bytes:
+        """All the rows of computed outputs as records of the layout, one after another."""
         single = self._single
         if single is not None:
             name, dtype, shape = single
             array = outputs[name]
             if array.dtype != dtype or array.shape[1:] != shape:
                 self._changed(outputs)
-            data = array.tobytes()  # C order, whatever the array's own order
-            if count == 1:
-                return [data]
-        else:
-            spec = tuple((outputs[name].dtype, outputs[name].shape[1:]) for name in self.outputs)
-            if self.dtype is None:
-                self._learn(spec)
-                return self.rows_of(outputs, count)
-            if spec != self._spec:
-                self._changed(outputs)
-            records = np.empty(count, self.dtype)
-            for name in self.outputs:
-                records[name] = outputs[name]
-            data = records.tobytes()
-        size = len(data) // count
-        return [data[i * size : (i + 1) * size] for i in range(count)]
-
-    def row_of(self, outputs: Tensors) -> Row:
-        """``rows_of(outputs, 1)[0]``: the one row of a one-row answer."""
-        single = self._single
-        if single is None:
-            return self.rows_of(outputs, 1)[0]
-        name, dtype, shape = single
-        array = outputs[name]
-        if array.dtype != dtype or array.shape[1:] != shape:
+            return array.tobytes()  # C order, whatever the array's own order
+        spec = tuple((outputs[name].dtype, outputs[name].shape[1:]) for name in self.outputs)
+        if self.dtype is None:
+            self._learn(spec)
+        elif spec != self._spec:
             self._changed(outputs)
-        return array.tobytes()
+        assert self.dtype is not None
+        records = np.empty(len(outputs[self.outputs[0]]), self.dtype)
+        for name in self.outputs:
+            records[name] = outputs[name]
+        return records.tobytes()
 
     def records(self, data: bytes, rows: int) -> Tensors:
         """Outputs as read-only views of row bytes: a caller cannot change a cached row."""

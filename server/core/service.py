@@ -113,7 +113,7 @@ class InferenceService:
             dispatcher = mv.dispatcher
             if dispatcher is None:
                 raise ModelNotReady(f"model '{mv.name}' version {mv.version} is being unloaded")
-            if key is not None and dispatcher is cache and _same_order(inputs, request.inputs):
+            if key is not None and dispatcher is cache:
                 outputs = await cache.submit_one(inputs, key, deadline)  # key built once
             else:
                 outputs = await dispatcher.submit(inputs, rows, deadline)
@@ -124,11 +124,6 @@ class InferenceService:
                 array = array.astype(spec.numpy_dtype)
             selected[spec.name] = array
         return InferenceResult(mv.name, mv.version, selected, specs, request.id, mv.sha256)
-
-
-def _same_order(validated: Mapping[str, np.ndarray], given: Mapping[str, np.ndarray]) -> bool:
-    """Whether validation kept the request's order of inputs (a one-row key depends on it)."""
-    return len(validated) == 1 or list(validated) == list(given)
 
 
 def _successor(mv: ModelVersion) -> ModelVersion:

@@ -507,3 +507,28 @@ async def test_monotonic_clock_wait_reports_set_or_deadline_passed() -> None:
     assert await MONOTONIC.wait(event, time.monotonic() - 1) is False
     event.set()
     assert await MONOTONIC.wait(event, time.monotonic() + 3600) is True
+
+
+async def test_a_batch_hands_its_tagged_rows_to_the_landing_once(
+    executor: ThreadPoolExecutor,
+) -> None:
+    """What the result cache relies on: one call per batch, with each tagged request's
+    tag and the offset of its row in the batch's outputs; untagged requests are not in it."""
+    model, records = FakeModel(), []
+    batcher = make_batcher(model, executor, records)
+    landed: list[tuple[list[tuple[bytes, int]], dict[str, np.ndarray]]] = []
+    batcher.land_in(lambda tagged, outputs: landed.append((tagged, outputs)))
+    model.gate.clear()
+    first = asyncio.create_task(batcher.submit(rows(0, 1), 1, tag=b"alone"))
+    await model.wait_started()
+    untagged = asyncio.create_task(batcher.submit(rows(1, 2), 2))
+    tagged = [asyncio.create_task(batcher.submit(rows(i, 1), 1, tag=b"t%d" % i)) for i in (3, 4)]
+    await asyncio.sleep(0)  # let the submits enqueue (not a wait for time)
+    model.gate.set()
+    results = await asyncio.gather(first, untagged, *tagged)
+    assert [(r.requests, r.rows) for r in records] == [(1, 1), (3, 4)]
+    assert [t for t, _ in landed] == [[(b"alone", 0)], [(b"t3", 2), (b"t4", 3)]]
+    batch = landed[1][1]
+    for (_, offset), result in zip(landed[1][0], results[2:], strict=True):
+        np.testing.assert_array_equal(batch["y"][offset : offset + 1], result["y"])
+    await batcher.close()

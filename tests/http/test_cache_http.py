@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from asgi_support import serving
 from starlette.testclient import TestClient
 
 from server.config import Settings
@@ -20,12 +22,21 @@ from server.http.app import create_app
 MODELS = ("fraud", "churn")
 
 
-def with_cache(example_repo: Path, root: Path) -> Path:
+def with_cache(example_repo: Path, root: Path, enabled: bool = True) -> Path:
+    """A copy of the example models with the cache on (or off), fraud on XGBoost alone.
+
+    A hybrid version sends a batch to the compiled trees or to XGBoost by its size,
+    switching at a size measured at load (about 26 rows), and the two differ in the
+    last bits: a cached row is the row its own batch computed, so the comparisons
+    here hold only when every batch size uses the same executor in both servers.
+    """
     for model in MODELS:
         shutil.copytree(example_repo / model, root / model)
         path = root / model / "model.yaml"
         doc = yaml.safe_load(path.read_text())
-        doc["cache"] = {"enabled": True}
+        doc["cache"] = {"enabled": enabled}
+        if model == "fraud":
+            doc["runtime_options"]["executor"] = "xgboost"
         path.write_text(yaml.safe_dump(doc))
     return root
 
@@ -35,9 +46,10 @@ def clients(
     example_repo: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[TestClient, TestClient]]:
     """(cache off, cache on) over the same artifacts."""
+    plain_repo = with_cache(example_repo, tmp_path_factory.mktemp("plain"), enabled=False)
     cached_repo = with_cache(example_repo, tmp_path_factory.mktemp("cached"))
     with (
-        TestClient(create_app(Settings(model_repository=example_repo))) as plain,
+        TestClient(create_app(Settings(model_repository=plain_repo))) as plain,
         TestClient(create_app(Settings(model_repository=cached_repo))) as cached,
     ):
         yield plain, cached
@@ -208,3 +220,56 @@ def test_a_repeated_body_is_still_a_prediction_of_its_version(
     assert rows_after - rows_before == 10
     joined = cached.post("/v2/models/fraud/feedback", json={"id": ids[-1], "label": [1]}).json()
     assert joined["matched"] == 1, joined
+
+
+async def test_rows_computed_for_concurrent_one_row_requests_answer_a_batch_of_them(
+    example_repo: Path, tmp_path: Path
+) -> None:
+    """One-row misses computed together in a batch are stored by the batcher; a later
+    48-row request holding those rows runs nothing and gets the same answers."""
+    x = holdout(example_repo, "fraud", 48, start=500)
+    settings = Settings(model_repository=with_cache(example_repo, tmp_path))
+    async with asyncio.timeout(120), serving(settings) as client:
+        path = "/v2/models/fraud/infer"
+        singles = await asyncio.gather(
+            *(client.post(path, json=json_body(x[i : i + 1])) for i in range(48))
+        )
+        before = (await client.get("/v2/models/fraud/versions/2/stats")).json()["model_stats"][0]
+        batch = outputs(await client.post(path, json=json_body(x)))
+        after = (await client.get("/v2/models/fraud/versions/2/stats")).json()["model_stats"][0]
+    assert before["inference_count"] == 48
+    assert before["execution_count"] < 48, "the one-row requests did not form batches"
+    assert after["inference_count"] == 48, "the 48-row request computed rows already computed"
+    name, (_, shape, data) = next(iter(batch.items()))
+    assert shape[0] == 48
+    assert data == [v for r in singles for v in outputs(r)[name][2]]
+
+
+def test_a_row_of_another_datatype_with_the_same_bytes_is_refused_not_answered(
+    clients: tuple[TestClient, TestClient], example_repo: Path
+) -> None:
+    _, cached = clients
+    path = "/v2/models/fraud/infer"
+    x = holdout(example_repo, "fraud", 1, start=700)
+    body, headers = binary_body(x)
+    for _ in range(2):
+        assert cached.post(path, content=body, headers=headers).status_code == 200  # now cached
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "features",
+                    "datatype": "INT32",
+                    "shape": [1, 30],
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ]
+        }
+    )
+    same_bytes = header + x.tobytes()
+    response = cached.post(
+        path, content=same_bytes, headers={"Inference-Header-Content-Length": str(len(header))}
+    )
+    assert response.status_code == 400
+    assert "datatype INT32" in response.json()["error"]
+    assert "fraud" in response.json()["error"]
