@@ -79,13 +79,14 @@ def json_body(x: np.ndarray, request_id: str | None = None) -> dict[str, Any]:
     return body
 
 
-def binary_body(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
+def binary_body(x: np.ndarray, datatype: str = "FP32") -> tuple[bytes, dict[str, str]]:
+    """``x``'s bytes as one binary tensor, declared as ``datatype``."""
     header = orjson.dumps(
         {
             "inputs": [
                 {
                     "name": "features",
-                    "datatype": "FP32",
+                    "datatype": datatype,
                     "shape": list(x.shape),
                     "parameters": {"binary_data_size": x.nbytes},
                 }
@@ -254,22 +255,8 @@ def test_a_row_of_another_datatype_with_the_same_bytes_is_refused_not_answered(
     body, headers = binary_body(x)
     for _ in range(2):
         assert cached.post(path, content=body, headers=headers).status_code == 200  # now cached
-    header = orjson.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "features",
-                    "datatype": "INT32",
-                    "shape": [1, 30],
-                    "parameters": {"binary_data_size": x.nbytes},
-                }
-            ]
-        }
-    )
-    same_bytes = header + x.tobytes()
-    response = cached.post(
-        path, content=same_bytes, headers={"Inference-Header-Content-Length": str(len(header))}
-    )
+    same_bytes, int_headers = binary_body(x, datatype="INT32")
+    response = cached.post(path, content=same_bytes, headers=int_headers)
     assert response.status_code == 400
     assert "datatype INT32" in response.json()["error"]
     assert "fraud" in response.json()["error"]
