@@ -105,26 +105,10 @@ def pool(target: Target, data: ModelData, workload: str, seed: int, size: int) -
 
 
 async def measure(
-    target: Target, bodies: RequestPool, args: argparse.Namespace, pid: int
-) -> tuple[RunResult, float]:
-    """One run, and the server's CPU µs per answer over its measured window."""
-    started: list[float] = []
-
-    async def mark() -> None:
-        await asyncio.sleep(args.warmup)
-        started.append(cpu_seconds(pid))
-
-    marker = asyncio.create_task(mark())
-    result = await run_closed(target, bodies, 64, args.duration, args.warmup)
-    spent = cpu_seconds(pid)
-    await marker
-    return result, (spent - started[0]) / max(1, result.ok) * 1e6
-
-
-async def measure_paired(
     targets: list[Target], pools: list[RequestPool], args: argparse.Namespace, pids: list[int]
 ) -> list[tuple[RunResult, float]]:
-    """Several servers loaded at once; each one's run and CPU µs per answer."""
+    """Each server's run and CPU µs per answer over the measured window, all loaded at
+    once (one server: a run of its own)."""
     started: list[list[float]] = []
 
     async def mark() -> None:
@@ -225,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
                     for server in servers:
                         target = Target.from_url(server.url, data.name)
                         bodies = pool(target, data, workload, round_number, args.distinct_pool)
-                        run, cpu_us = uvloop.run(measure(target, bodies, args, server.process.pid))
+                        [(run, cpu_us)] = uvloop.run(
+                            measure([target], [bodies], args, [server.process.pid])
+                        )
                         result = run.to_dict()
                         figures.add((server.name, workload), result, cpu_us)
                         p99 = result["latency"]["p99_ms"]
@@ -242,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                     for t in targets
                 ]
                 pids = [s.process.pid for s in pair]
-                both = uvloop.run(measure_paired(targets, pools, args, pids))
+                both = uvloop.run(measure(targets, pools, args, pids))
                 for server, (run, cpu_us) in zip(pair, both, strict=True):
                     result = run.to_dict()
                     figures.add((server.name, PAIRED), result, cpu_us)

@@ -71,25 +71,18 @@ log = logging.getLogger("sluice.cache")
 
 @dataclass(slots=True)
 class _Flight:
-    """A row being computed; the future exists once somebody waits for it."""
+    """A row being computed that other callers wait for."""
 
-    future: asyncio.Future[Row] | None = None
+    future: asyncio.Future[Row]
     waiters: int = 0
 
-    def join(self) -> asyncio.Future[Row]:
-        if self.future is None:
-            self.future = asyncio.get_running_loop().create_future()
-        self.waiters += 1
-        return self.future
-
     def settle(self, row: Row | None, error: BaseException | None = None) -> None:
-        future = self.future
-        if future is None or future.done():
+        if self.future.done():
             return
         if error is not None:
-            future.set_exception(error)
+            self.future.set_exception(error)
         else:
-            future.set_result(row)  # type: ignore[arg-type]
+            self.future.set_result(row)  # type: ignore[arg-type]
 
 
 @dataclass(slots=True)
@@ -121,7 +114,6 @@ class CachedDispatcher:
         # The key scheme is part of the identity: replicas keying rows another way never
         # read each other's entries in Redis.
         self._identity = f"{identity}{self.keys.scheme}\0".encode()
-        self._outputs = tuple(outputs)
         self._ttl = config.ttl_s
         self._stats = stats
         self._shared = shared
@@ -129,7 +121,8 @@ class CachedDispatcher:
         self.counters = CacheCounters()
         self.rows = RowLRU(config, self.counters, clock)
         self.layout = RowLayout(outputs)
-        # Rows being computed; None until a second caller waits for one.
+        # Rows being computed, by key; None until another caller waits for one. A row's
+        # entry goes when it is stored, fails, or nobody waits for it any more.
         self._flights: dict[bytes, _Flight | None] = {}
         self._background: set[asyncio.Task[None]] = set()
         # A batcher stores the rows of one-row misses itself, a batch at a time (_landed).
@@ -155,28 +148,14 @@ class CachedDispatcher:
         it goes to ``submit_one`` so that it is not built twice.
         """
         started = time.perf_counter_ns()
-        single = self.keys.single
-        if single is None:
-            key = self.keys.one(inputs)
-            if key is None:
-                return None, None
-        else:  # RowKeys.one for one input, inline: every request pays for this
-            name, dtype, shape = single
-            array = inputs.get(name)
-            if array is None or len(inputs) != 1 or array.dtype is not dtype:
-                return None, None
-            if array.shape != shape:
-                return None, None
-            key = array.tobytes()
-        value = self.rows.entries.get(key)
-        row = None if value is None else self.rows.found(key, value)
+        key = self.keys.one(inputs)
+        if key is None:
+            return None, None
+        row = self.rows.get(key)
         if row is None:
-            elapsed = time.perf_counter_ns() - started
-            self.counters.lookup_ns += elapsed
-            self._stats.cache_miss.ns += elapsed
+            self._missed(started)
             return None, key
-        layout = self.layout
-        outputs = layout.records(row, 1)
+        outputs = self.layout.records(row, 1)
         elapsed = time.perf_counter_ns() - started
         counters = self.counters
         counters.hits += 1
@@ -204,13 +183,14 @@ class CachedDispatcher:
             self._count(hits, 0, started)
             return self._assemble(plan, rows)
         if plan.mine:
-            flights = [self._fly(keys[i]) for i in plan.mine]
+            for index in plan.mine:
+                self._flights[keys[index]] = None
             if self._shared is not None:
-                await self._from_shared(keys, plan, flights)
+                await self._from_shared(keys, plan)
                 hits = rows - len(plan.mine) - len(plan.theirs)
         self._count(hits, len(plan.mine), started)
         if plan.mine:
-            await self._compute(inputs, rows, keys, plan, flights, deadline)
+            await self._compute(inputs, rows, keys, plan, deadline)
         for index, future in plan.theirs:
             # Shielded: cancelling this caller must not cancel the shared future.
             plan.found[index] = await asyncio.shield(future)
@@ -233,7 +213,7 @@ class CachedDispatcher:
         if key is None:
             started = time.perf_counter_ns()
             key = self.keys.rows(inputs, 1)[0]
-            row = self.rows.get(key) if self.layout.known else None
+            row = self.rows.get(key)  # rows are only held once the layout is known
             if row is not None:
                 self._count(1, 0, started)
                 return self.layout.records(row, 1)
@@ -255,159 +235,140 @@ class CachedDispatcher:
                 if key not in flights:
                     return outputs  # stored by _landed where the batch's results were set
         except (asyncio.CancelledError, DeadlineExceeded):
-            self._hand_over_one(inputs, key)
+            self._hand_over(inputs, [key])
             raise
         except Exception as exc:
-            self._fail_one(key, exc)
+            self._fail([key], exc)
             raise
         self._landed([(key, 0)], outputs)
         return outputs
 
     def _landed(self, tagged: list[tuple[bytes, int]], outputs: Tensors) -> None:
-        """Store the computed rows of one-row misses and answer whoever waits for them.
+        """The batcher's landing (``Tagging``): ``_keep``, once per batch, where it sets
+        the results. Never raises: the callers already have their answers."""
+        try:
+            self._keep(tagged, outputs)
+        except RuntimeFailure as exc:
+            log.error("rows not cached: %s", exc)
 
-        The batcher's landing (``Tagging``): called once per batch, where it sets
-        the results, with each miss's key and the offset of its row in ``outputs``.
-        Never raises: the callers already have their answers.
+    def _keep(self, tagged: list[tuple[bytes, int]], outputs: Tensors) -> list[Row]:
+        """Store computed rows, each a key and the offset of its row in ``outputs``.
+
+        Raises RuntimeFailure, and fails whoever waits for the rows, when the outputs
+        changed their layout.
         """
         try:
             data = self.layout.block(outputs)
         except RuntimeFailure as exc:
-            log.error("rows not cached: %s", exc)
-            for key, _ in tagged:
-                self._fail_one(key, exc)
-            return
+            self._fail([key for key, _ in tagged], exc)
+            raise
         assert self.layout.dtype is not None
         size = self.layout.dtype.itemsize
         rows = [(key, data[offset * size : (offset + 1) * size]) for key, offset in tagged]
+        self._store(rows)
+        if self._shared is not None:
+            for key, row in rows:
+                self._write_shared(key, row)
+        return [row for _, row in rows]
+
+    def _store(self, rows: list[tuple[bytes, Row]]) -> None:
+        """Keep rows in memory and answer whoever waits for them."""
         self.rows.put_many(rows, self._clock())
         flights = self._flights
         for key, row in rows:
             flight = flights.pop(key, None)
             if flight is not None:
                 flight.settle(row)
-        if self._shared is not None:
-            for key, row in rows:
-                self._write_shared(key, row)
 
     def _join(self, key: bytes) -> asyncio.Future[Row]:
         """The row under ``key`` that another caller is computing, once it is computed."""
         flight = self._flights[key]
         if flight is None:
-            flight = self._flights[key] = _Flight()
-        return flight.join()
+            future = asyncio.get_running_loop().create_future()
+            flight = self._flights[key] = _Flight(future)
+        flight.waiters += 1
+        return flight.future
 
-    def _hand_over_one(self, inputs: Tensors, key: bytes) -> None:
-        # Gone when the row landed before this caller was cancelled: nothing to hand over.
-        # (After that, another caller's later flight for the same row could be here; at
-        # worst the row is computed twice, never answered wrong.)
-        flight = self._flights.pop(key, None)
-        if flight is not None and flight.future is not None and not flight.future.done():
-            self._flights[key] = flight
-            self._hand_over(inputs, [key], [flight])
+    def _fail(self, keys: list[bytes], exc: BaseException) -> None:
+        for key in keys:
+            flight = self._flights.pop(key, None)
+            if flight is not None:
+                flight.settle(None, exc)
 
-    def _fail_one(self, key: bytes, exc: BaseException) -> None:
-        flight = self._flights.pop(key, None)
-        if flight is not None:
-            flight.settle(None, exc)
+    def _hand_over(self, inputs: Tensors, keys: list[bytes]) -> None:
+        """This caller's own limit ended its wait for ``keys`` (rows of ``inputs``): the
+        rows others wait for are computed again for them, the rest are no longer in flight.
+
+        A row already stored is no longer here, so nothing is computed twice for it.
+        (Once stored, another caller's later flight for the same row could be: at worst
+        that row is computed twice, never answered wrong.)
+        """
+        flights = self._flights
+        waited = [i for i, key in enumerate(keys) if flights.get(key) is not None]
+        for i, key in enumerate(keys):
+            if i not in waited:
+                flights.pop(key, None)
+        if not waited:
+            return
+        subset = {n: a[waited] for n, a in inputs.items()}
+        task = asyncio.get_running_loop().create_task(
+            self._recompute(subset, [keys[i] for i in waited])
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _recompute(self, inputs: Tensors, keys: list[bytes]) -> None:
+        try:
+            outputs = await self.inner.submit(inputs, len(keys), None)
+        except Exception as exc:
+            self._fail(keys, exc)
+            return
+        self._landed([(key, offset) for offset, key in enumerate(keys)], outputs)
 
     async def _compute(
-        self,
-        inputs: Tensors,
-        rows: int,
-        keys: list[bytes],
-        plan: _Plan,
-        flights: list[_Flight],
-        deadline: float | None,
+        self, inputs: Tensors, rows: int, keys: list[bytes], plan: _Plan, deadline: float | None
     ) -> None:
         mine = plan.mine
         subset = inputs if len(mine) == rows else {n: a[mine] for n, a in inputs.items()}
+        wanted = [keys[i] for i in mine]
         try:
             outputs = await self.inner.submit(subset, len(mine), deadline)
         except (asyncio.CancelledError, DeadlineExceeded):
             # This caller's own limit: the rows are still wanted by whoever waits.
-            self._hand_over(subset, [keys[i] for i in mine], flights)
+            self._hand_over(subset, wanted)
             raise
         except Exception as exc:
-            self._fail([keys[i] for i in mine], flights, exc)
+            self._fail(wanted, exc)
             raise
-        now = self._clock()
-        for position, row in enumerate(self.layout.rows_of(outputs, len(mine))):
-            index = mine[position]
+        computed = self._keep([(key, offset) for offset, key in enumerate(wanted)], outputs)
+        for index, row in zip(mine, computed, strict=True):
             plan.found[index] = row
-            self._land(keys[index], flights[position], row, now)
         plan.computed = outputs if len(mine) == rows else None
-
-    def _fly(self, key: bytes) -> _Flight:
-        flight = self._flights[key] = _Flight()
-        return flight
-
-    def _land(self, key: bytes, flight: _Flight, row: Row, now: float) -> None:
-        self.rows.put(key, row, now)
-        if self._flights.get(key) is flight:
-            del self._flights[key]
-        flight.settle(row)
-        if self._shared is not None:
-            self._write_shared(key, row)
 
     def _write_shared(self, key: bytes, row: Row) -> None:
         assert self._shared is not None
         value = self.layout.encode(self._identity + key, row)
         self._shared.put_later(self._shared_key(key), value, self._ttl)
 
-    def _fail(self, keys: list[bytes], flights: list[_Flight], exc: BaseException) -> None:
-        for key, flight in zip(keys, flights, strict=True):
-            if self._flights.get(key) is flight:
-                del self._flights[key]
-            flight.settle(None, exc)
-
-    def _hand_over(self, inputs: Tensors, keys: list[bytes], flights: list[_Flight]) -> None:
-        waited = [i for i, f in enumerate(flights) if f.future is not None and not f.future.done()]
-        for i, (key, flight) in enumerate(zip(keys, flights, strict=True)):
-            if i not in waited and self._flights.get(key) is flight:
-                del self._flights[key]
-        if not waited:
-            return
-        subset = {n: a[waited] for n, a in inputs.items()}
-        task = asyncio.get_running_loop().create_task(
-            self._recompute(subset, [keys[i] for i in waited], [flights[i] for i in waited])
-        )
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _recompute(self, inputs: Tensors, keys: list[bytes], flights: list[_Flight]) -> None:
-        try:
-            outputs = await self.inner.submit(inputs, len(keys), None)
-        except Exception as exc:
-            self._fail(keys, flights, exc)
-            return
-        now = self._clock()
-        rows = self.layout.rows_of(outputs, len(keys))
-        for row, key, flight in zip(rows, keys, flights, strict=True):
-            self._land(key, flight, row, now)
-
-    async def _from_shared(self, keys: list[bytes], plan: _Plan, flights: list[_Flight]) -> None:
+    async def _from_shared(self, keys: list[bytes], plan: _Plan) -> None:
+        """The rows this caller would compute that Redis holds: found, kept in memory."""
         assert self._shared is not None
         wanted = [keys[i] for i in plan.mine]
         values = await self._shared.mget([self._shared_key(k) for k in wanted])
         if values is None:
             return
-        now = self._clock()
         still: list[int] = []
-        left: list[_Flight] = []
-        for index, key, flight, value in zip(plan.mine, wanted, flights, values, strict=True):
+        found: list[tuple[bytes, Row]] = []
+        for index, key, value in zip(plan.mine, wanted, values, strict=True):
             row = self.layout.decode(self._identity + key, value) if value is not None else None
             if row is None:
                 still.append(index)
-                left.append(flight)
                 continue
             plan.found[index] = row
-            self.counters.shared_hits += 1
-            self.rows.put(key, row, now)
-            del self._flights[key]
-            flight.settle(row)
+            found.append((key, row))
+        self.counters.shared_hits += len(found)
+        self._store(found)
         plan.mine[:] = still
-        flights[:] = left
 
     def _shared_key(self, key: bytes) -> str:
         assert self._shared is not None

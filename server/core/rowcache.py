@@ -50,10 +50,8 @@ class RowLRU:
     def __init__(
         self, config: CacheConfig, counters: CacheCounters, clock: Callable[[], float]
     ) -> None:
-        # key -> expiry (8 bytes) + row: nothing here for the garbage collector to walk.
-        # Read directly (``entries.get``) where a miss must cost no more than that.
-        self.entries: OrderedDict[bytes, bytes] = OrderedDict()
-        self._entries = self.entries
+        # key -> expiry (8 bytes) + row: nothing here for the garbage collector to walk
+        self._entries: OrderedDict[bytes, bytes] = OrderedDict()
         self._max_entries = config.max_entries
         self._max_bytes = config.max_bytes
         self._ttl = config.ttl_s
@@ -67,19 +65,13 @@ class RowLRU:
     def get(self, key: bytes, now: float | None = None) -> Row | None:
         """The row under ``key``, unless it expired by ``now`` (read only when found)."""
         value = self._entries.get(key)
-        return None if value is None else self.found(key, value, now)
-
-    def found(self, key: bytes, value: bytes, now: float | None = None) -> Row | None:
-        """The row of ``entries[key]`` (``value``), now the most recently used, unless it
-        expired by ``now``."""
+        if value is None:
+            return None
         if _EXPIRY.unpack_from(value)[0] <= (self._clock() if now is None else now):
             self._drop(key)
             return None
         self._entries.move_to_end(key)
         return value[_EXPIRY.size :]
-
-    def put(self, key: bytes, row: Row, now: float) -> None:
-        self.put_many([(key, row)], now)
 
     def put_many(self, rows: Sequence[tuple[bytes, Row]], now: float) -> None:
         """Store rows computed at ``now``, then evict down to the bounds."""
@@ -127,18 +119,6 @@ class RowLayout:
         self.text = ""  # repr of the layout's descr: what a Redis value names
         self._spec: tuple[tuple[np.dtype[Any], tuple[int, ...]], ...] = ()
         self._single: tuple[str, np.dtype[Any], tuple[int, ...]] | None = None
-
-    @property
-    def known(self) -> bool:
-        return self.dtype is not None
-
-    def rows_of(self, outputs: Tensors, count: int) -> list[Row]:
-        """Each computed row as the bytes of one record of the layout."""
-        data = self.block(outputs)
-        if count == 1:
-            return [data]
-        size = len(data) // count
-        return [data[i * size : (i + 1) * size] for i in range(count)]
 
     def block(self, outputs: Tensors) -> bytes:
         """All the rows of computed outputs as records of the layout, one after another."""

@@ -42,14 +42,12 @@ class RowKeys:
         self.scheme = "raw" if raw else "canonical"
         # name, dtype and shape of a one-row request already in its validated form
         self._forms = [(s.name, s.numpy_dtype, (1, *s.shape[1:])) for s in inputs] if raw else []
-        # the one input's (name, dtype, one-row shape) when there is one: read by the
-        # cache's lookup, which builds that key itself (a call less per request)
-        self.single = self._forms[0] if len(self._forms) == 1 else None
+        self._single = self._forms[0] if len(self._forms) == 1 else None
         self._sizes = [s.numpy_dtype.itemsize * _elements(s) for s in inputs] if raw else []
 
     def one(self, inputs: Mapping[str, np.ndarray]) -> bytes | None:
         """The key of a one-row request not yet validated, when it is in its validated form."""
-        single = self.single
+        single = self._single
         if single is not None:
             name, dtype, shape = single
             array = inputs.get(name)
